@@ -1,0 +1,152 @@
+"""The CrossViT-aware quantization plan: which weighted layers run int8, with which scales, and why
+the others stay float. It is plain data (written into every manifest) keyed by the PyTorch module
+name, the one name that ONNX Q/DQ insertion, PT2E annotation and coremltools' op configs all map
+back to.
+
+Placement follows ../shared/reference/quantization.md: int8 on the inputs of the weighted layers of
+the ViT blocks (qkv, proj, fc1, fc2), the cross-attention key/value projections and the patch
+embedding convs; float for everything that acts on one token (projs, revert_projs, the
+cross-attention query and output projection, the heads) and for LayerNorm, GELU, Softmax, the
+attention matmuls, residual adds, the resize matrices and the concatenations (which join different
+ranges and must never share one int8 range).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterable, List, Optional
+
+from torch import nn
+
+WEIGHT_SCHEME = {"dtype": "int8", "symmetric": True, "granularity": "per-channel", "axis": "output channel", "range": [-127, 127]}
+ACTIVATION_SCHEME = {"dtype": "int8", "symmetric": True, "zero_point": 0, "granularity": "per-tensor", "range": [-128, 127]}
+FLOAT_OPS = [
+    "LayerNorm",
+    "GELU",
+    "Softmax",
+    "attention score and value matmuls",
+    "residual adds",
+    "concatenations (CLS + patch tokens; projected CLS + other branch)",
+    "bicubic resize matrices",
+    "position-embedding add",
+]
+
+# (pattern, quantize?, reason) in order; the first match decides.
+_RULES = [
+    (r"^patch_embed\.\d+\.proj(\.\d+)?$", True, "patch embedding conv"),
+    (r"^blocks\.\d+\.blocks\.\d+\.\d+\.attn\.qkv$", True, "ViT block qkv projection"),
+    (r"^blocks\.\d+\.blocks\.\d+\.\d+\.attn\.proj$", True, "ViT block attention output projection"),
+    (r"^blocks\.\d+\.blocks\.\d+\.\d+\.mlp\.fc1$", True, "ViT block MLP fc1"),
+    (r"^blocks\.\d+\.blocks\.\d+\.\d+\.mlp\.fc2$", True, "ViT block MLP fc2"),
+    (r"^blocks\.\d+\.fusion\.\d+\.attn\.w[kv]$", True, "cross-attention key/value projection"),
+    (r"^blocks\.\d+\.fusion\.\d+\.attn\.wq$", False, "cross-attention query: one token (GEMV), negligible FLOPs"),
+    (r"^blocks\.\d+\.fusion\.\d+\.attn\.proj$", False, "cross-attention output projection: one token"),
+    (r"^blocks\.\d+\.projs\.\d+\.\d+$", False, "CLS projection to the other branch: one token"),
+    (r"^blocks\.\d+\.revert_projs\.\d+\.\d+$", False, "CLS projection back: one token"),
+    (r"^head\.\d+$", False, "classifier head: one token"),
+]
+
+
+def classify_layer(name: str) -> tuple:
+    """(quantize by default?, reason) for a Linear/Conv2d module name of a CrossViT."""
+    for pattern, quantize, reason in _RULES:
+        if re.match(pattern, name):
+            return quantize, reason
+    return False, "not a layer this plan knows: kept float"
+
+
+def weighted_layers(model: nn.Module) -> List[tuple]:
+    """(name, module) of every Linear and Conv2d, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def quantizable_layer_names(model: nn.Module) -> List[str]:
+    return [n for n, _ in weighted_layers(model) if classify_layer(n)[0]]
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    kind: str  # "linear" | "conv"
+    precision: str  # "int8" | "float"
+    reason: str
+    input_amax: Optional[float] = None  # calibrated |x| clipping value (int8 layers)
+    sensitivity: Optional[float] = None  # measured cost of quantizing this layer alone
+
+    @property
+    def input_scale(self) -> Optional[float]:
+        return None if self.input_amax is None else self.input_amax / 127.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["input_scale"] = self.input_scale
+        return d
+
+
+@dataclass
+class QuantPlan:
+    model: str
+    layers: List[LayerPlan]
+    calibration: Dict[str, Any] = field(default_factory=dict)
+    smoothing: Optional[Dict[str, Any]] = None
+    mixed_precision: Optional[Dict[str, Any]] = None
+
+    def get(self, name: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def int8_layers(self) -> List[LayerPlan]:
+        return [l for l in self.layers if l.precision == "int8"]
+
+    def with_float(self, names: Iterable[str], reason: str) -> "QuantPlan":
+        names = set(names)
+        layers = [
+            LayerPlan(**{**asdict(l), "precision": "float", "reason": reason}) if l.name in names else LayerPlan(**asdict(l))
+            for l in self.layers
+        ]
+        return QuantPlan(self.model, layers, dict(self.calibration), self.smoothing, self.mixed_precision)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "model": self.model,
+            "weights": WEIGHT_SCHEME,
+            "activations": ACTIVATION_SCHEME,
+            "float_ops": FLOAT_OPS,
+            "calibration": self.calibration,
+            "smoothing": self.smoothing,
+            "mixed_precision": self.mixed_precision,
+            "layers": [l.to_dict() for l in self.layers],
+            "summary": {
+                "int8_layers": len(self.int8_layers()),
+                "float_layers": len(self.layers) - len(self.int8_layers()),
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "QuantPlan":
+        layers = [
+            LayerPlan(
+                name=l["name"], kind=l["kind"], precision=l["precision"], reason=l["reason"],
+                input_amax=l.get("input_amax"), sensitivity=l.get("sensitivity"),
+            )
+            for l in d["layers"]
+        ]
+        return cls(d["model"], layers, d.get("calibration", {}), d.get("smoothing"), d.get("mixed_precision"))
+
+
+def build_plan(model: nn.Module, model_name: str, amax: Dict[str, float], calibration: Dict[str, Any]) -> QuantPlan:
+    """Every Linear/Conv2d of ``model`` with its precision; int8 layers take their clipping value
+    from ``amax`` (layer name -> calibrated |x| range)."""
+    layers = []
+    for name, module in weighted_layers(model):
+        quantize, reason = classify_layer(name)
+        kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
+        if quantize:
+            if name not in amax:
+                raise KeyError(f"no calibration statistics for layer {name}")
+            layers.append(LayerPlan(name, kind, "int8", reason, input_amax=float(amax[name])))
+        else:
+            layers.append(LayerPlan(name, kind, "float", reason))
+    return QuantPlan(model_name, layers, calibration)

@@ -1,0 +1,119 @@
+"""``python -m crossvit_edge.convert``: build a deployable bundle for one target.
+
+A thin layer over ``crossvit_edge.pipeline.convert``: it parses flags into a ``BuildSpec``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .cli_common import run_cli, setup_logging
+from .device_profiles import list_profiles, load_profile
+from .spec import CALIBRATION_METHODS, DEMO_CHECKPOINT, BuildSpec, CalibrationSettings
+
+PROG = "crossvit_edge.convert"
+TARGETS = ("onnx", "tensorrt", "coreml", "executorch")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
+    p.add_argument("--target", required=True, choices=TARGETS)
+    p.add_argument("--model", help="variant (timm or IBM name); read from the checkpoint when omitted")
+    p.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT), help="file (.safetensors/.pth) or hf-hub:timm/<name>.in1k (default: the demo model)")
+    p.add_argument("--precision", choices=PRECISIONS, help="default: the profile's, else fp32")
+    p.add_argument("--profile", help=f"device profile name or YAML path ({', '.join(list_profiles())})")
+    p.add_argument("--output", required=True, help="bundle folder to write (atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--batch-size", type=int, help="static batch size (default: the profile's, else 1)")
+    g = p.add_argument_group("calibration (int8)")
+    g.add_argument("--calib-data", type=Path, help="folder of calibration images (ImageFolder or plain)")
+    g.add_argument("--calib-samples", type=int, default=256)
+    g.add_argument("--calib-method", default="entropy", help=f"one of {', '.join(CALIBRATION_METHODS)}")
+    g.add_argument("--calib-percentile", type=float, default=99.99)
+    g.add_argument("--calib-batch-size", type=int, default=8)
+    g.add_argument("--calib-seed", type=int, default=0)
+    g.add_argument("--calib-stats", type=Path, help="reuse a calibration_stats.npz instead of running images")
+    g.add_argument("--smooth-alpha", type=float, help="fold LayerNorm outliers into the next Linear (alpha in [0,1])")
+    g.add_argument("--max-drop", type=float, help="return the most sensitive layers to float until top-1 drops at most this many points")
+    p.add_argument("--eval-data", type=Path, help="held-out images for the accuracy check and --max-drop")
+    p.add_argument("--eval-samples", type=int, default=200)
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the profile's, else 17)")
+    p.add_argument("--require-engine", action="store_true", help="tensorrt: fail unless the engine could be built here")
+    p.add_argument("--image-input", action="store_true", help="coreml: take an image input with normalisation folded in")
+    p.add_argument("--bundled-inputs", type=int, default=0, help="executorch: also write a BundledProgram with N test inputs")
+    p.add_argument("--etdump", action="store_true", help="executorch: profile one run with ETDump and save it in the bundle")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def spec_from_args(args: argparse.Namespace) -> BuildSpec:
+    profile = load_profile(args.profile) if args.profile else None
+    options = {}
+    if args.opset is not None:
+        options["opset"] = args.opset
+    if args.require_engine:
+        options["require_engine"] = True
+    if args.image_input:
+        options["image_input"] = True
+    if args.bundled_inputs:
+        options["bundled_inputs"] = args.bundled_inputs
+    if args.etdump:
+        options["etdump"] = True
+    return BuildSpec(
+        target=args.target,
+        output=Path(args.output),
+        precision=args.precision or (profile.precision if profile and profile.precision else "fp32"),
+        checkpoint=args.checkpoint,
+        model=args.model,
+        batch_size=args.batch_size or (profile.batch_size if profile else 1),
+        profile=profile,
+        calibration=CalibrationSettings(
+            data=args.calib_data,
+            samples=args.calib_samples,
+            method=args.calib_method,
+            percentile=args.calib_percentile,
+            batch_size=args.calib_batch_size,
+            seed=args.calib_seed,
+            stats=args.calib_stats,
+        ),
+        smoothing_alpha=args.smooth_alpha,
+        max_drop=args.max_drop,
+        eval_data=args.eval_data,
+        eval_samples=args.eval_samples,
+        options=options,
+        overwrite=args.overwrite,
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+
+    def body() -> int:
+        from .pipeline import convert
+
+        manifest = convert(spec_from_args(args))
+        check = manifest.get("accuracy_check", {})
+        summary = {
+            "bundle": str(Path(args.output)),
+            "artifact": manifest["artifact"]["file"],
+            "bytes": manifest["artifact"]["bytes"],
+            "precision": manifest["precision"],
+        }
+        for key in ("top1", "reference_top1", "top1_agreement", "cosine", "max_abs_diff", "images", "images_source"):
+            if key in check:
+                summary[key] = check[key]
+        for note in manifest.get("notes", []):
+            print(note)
+        print(json.dumps(summary))
+        return 0
+
+    return run_cli(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""The conversion pipeline behind ``python -m crossvit_edge.convert``, as named stages:
+
+    validate -> load checkpoint -> calibrate (statistics -> smoothing -> plan -> mixed precision)
+             -> convert (target) -> check against fp32 -> bundle (manifest, atomic rename)
+
+Data flows one way; each stage's output is the next one's input and is written into the bundle.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .bundle import read_manifest, size_bytes, staged_bundle, write_json, write_manifest
+from .checkpoint import LoadedCheckpoint, load_checkpoint
+from .data import ImageSet, open_image_set
+from .errors import UserError
+from .metrics import compare_logits
+from .preprocess import Preprocessing
+from .spec import BuildSpec
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "quant_plan.json"
+CHECK_FILE = "accuracy_check.json"
+
+
+@dataclass
+class Calibration:
+    """What calibration produced: the (possibly smoothed) fp32 model the plan applies to."""
+
+    model: torch.nn.Module
+    plan: Any  # calibration.plan.QuantPlan
+    stats: Any  # calibration.collect.CalibrationStatistics
+    images: Optional[ImageSet]
+    settings: Dict[str, Any]
+
+
+@dataclass
+class ConversionContext:
+    spec: BuildSpec
+    checkpoint: LoadedCheckpoint
+    preprocessing: Preprocessing
+    calibration: Optional[Calibration] = None
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        return self.checkpoint.name
+
+    @property
+    def fp32_model(self) -> torch.nn.Module:
+        return self.checkpoint.model
+
+    @property
+    def labels(self) -> Optional[List[str]]:
+        return self.checkpoint.labels
+
+    @property
+    def plan(self):
+        return self.calibration.plan if self.calibration else None
+
+    def model_for_export(self) -> torch.nn.Module:
+        """fp32 model, or for int8 the plan applied as explicit Q/DQ to the calibrated model."""
+        if self.spec.precision == "int8" and self.calibration is not None:
+            from calibration.qdq import apply_qdq
+
+            return apply_qdq(self.calibration.model, self.calibration.plan)
+        return self.fp32_model
+
+    def calibration_batches(self, batch_size: Optional[int] = None):
+        """The calibration images, preprocessed, in the recorded fixed batch size."""
+        if self.calibration is None or self.calibration.images is None:
+            raise UserError("this conversion needs calibration images (--calib-data DIR)")
+        return self.calibration.images.batches(self.preprocessing, batch_size or self.spec.calibration.batch_size)
+
+    def example_input(self) -> torch.Tensor:
+        size = self.fp32_model.config.img_size
+        return torch.zeros(self.spec.batch_size, 3, size, size)
+
+
+def get_converter(target: str):
+    from converters import CONVERTERS
+
+    if target not in CONVERTERS:
+        raise UserError(f"unknown target {target!r}; choose one of: {', '.join(CONVERTERS)}")
+    module, _, cls = CONVERTERS[target].partition(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+
+
+def stage_load(spec: BuildSpec) -> ConversionContext:
+    ckpt = load_checkpoint(spec.checkpoint, model_name=spec.model)
+    pre = Preprocessing(input_size=ckpt.model.config.img_size, crop_pct=ckpt.model.config.crop_pct)
+    torch.set_grad_enabled(False)
+    return ConversionContext(spec=spec, checkpoint=ckpt, preprocessing=pre)
+
+
+def open_calibration_images(spec: BuildSpec) -> ImageSet:
+    settings = spec.calibration
+    if settings.data is None:
+        raise UserError("--precision int8 needs calibration images: pass --calib-data DIR (or --calib-stats FILE)")
+    images = open_image_set(settings.data)
+    return images.sample(settings.samples, seed=settings.seed)
+
+
+def stage_calibrate(ctx: ConversionContext) -> None:
+    from calibration.collect import CalibrationStatistics, collect_statistics, weights_digest
+    from calibration.plan import build_plan, quantizable_layer_names
+    from calibration.smoothing import apply_smoothing, smoothing_factors, smoothing_pairs
+
+    spec, settings = ctx.spec, ctx.spec.calibration
+    model = ctx.fp32_model
+    layers = quantizable_layer_names(model)
+    images: Optional[ImageSet] = None
+    if settings.stats is None or settings.data is not None:
+        images = open_calibration_images(spec)
+    n_batches = math.ceil(len(images) / settings.batch_size) if images else 0
+    record = {
+        **settings.to_dict(),
+        "images": len(images) if images else None,
+        "image_set_sha256": images.sha256() if images else None,
+    }
+
+    def run_pass(m, histograms, desc):
+        return collect_statistics(
+            m, ctx.model_name, layers, images.batches(ctx.preprocessing, settings.batch_size),
+            total_batches=n_batches, histograms=histograms, settings=record, desc=desc,
+        )
+
+    smoothing = None
+    if spec.smoothing_alpha is not None:
+        if images is None:
+            raise UserError("--smooth-alpha needs --calib-data (the folding factors come from the images)")
+        channel_stats = run_pass(model, False, "smoothing ranges")
+        factors = smoothing_factors(model, channel_stats.channel_amax, spec.smoothing_alpha)
+        model = apply_smoothing(model, factors)
+        smoothing = {"alpha": spec.smoothing_alpha, "pairs": [[n, c] for n, c in smoothing_pairs(model)]}
+
+    if settings.stats is not None:
+        stats = CalibrationStatistics.load(settings.stats)
+        stats.check_matches(ctx.model_name, weights_digest(model), layers, str(settings.stats))
+        record = {**stats.settings, "method": settings.method, "percentile": settings.percentile, "stats": str(settings.stats)}
+    else:
+        stats = run_pass(model, True, "calibrating")
+    amax = stats.amax(settings.method, settings.percentile)
+    plan_record = {k: record.get(k) for k in ("method", "percentile", "batch_size", "samples", "seed", "images", "image_set_sha256", "data", "stats")}
+    plan = build_plan(model, ctx.model_name, amax, plan_record)
+    plan.smoothing = smoothing
+    if spec.max_drop is not None:
+        from calibration.sensitivity import mixed_precision
+
+        eval_x, eval_y = load_eval_images(ctx)
+        if eval_x is None:
+            raise UserError("--max-drop needs held-out images: pass --eval-data DIR")
+        plan = mixed_precision(model, plan, eval_x, eval_y, spec.max_drop)
+    ctx.calibration = Calibration(model=model, plan=plan, stats=stats, images=images, settings=record)
+
+
+def load_eval_images(ctx: ConversionContext):
+    """(images, labels or None) for checks: --eval-data, else none."""
+    if ctx.spec.eval_data is None:
+        return None, None
+    s = open_image_set(ctx.spec.eval_data)
+    s = s.sample(min(ctx.spec.eval_samples, len(s)), seed=0)
+    x = s.load(ctx.preprocessing).astype(np.float32)
+    y = np.asarray(s.labels) if s.labels is not None else None
+    return x, y
+
+
+@torch.no_grad()
+def reference_logits(model: torch.nn.Module, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    return np.concatenate([model(torch.from_numpy(images[s : s + batch])).numpy() for s in range(0, len(images), batch)])
+
+
+def run_batched(runner, images: np.ndarray) -> np.ndarray:
+    """Feed a runner of fixed batch size, padding the last batch by repeating its last image."""
+    b = runner.batch_size
+    outs = []
+    for s in range(0, len(images), b):
+        chunk = images[s : s + b]
+        n = len(chunk)
+        if n < b:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
+        outs.append(runner.run(chunk)[:n])
+    return np.concatenate(outs)
+
+
+def stage_check(ctx: ConversionContext, bundle_dir: Path, artifact, manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """Run the artifact (or its runnable stand-in) on held-out images against the fp32 model."""
+    from converters.base import load_runner_class
+
+    images, labels = load_eval_images(ctx)
+    source = "eval images"
+    if images is None:
+        if ctx.calibration is not None and ctx.calibration.images is not None:
+            s = ctx.calibration.images.sample(min(32, len(ctx.calibration.images)), seed=1)
+            images, labels, source = s.load(ctx.preprocessing).astype(np.float32), None, "calibration images (no --eval-data)"
+        else:
+            size = ctx.fp32_model.config.img_size
+            images = np.random.default_rng(0).standard_normal((8, 3, size, size)).astype(np.float32)
+            source = "random inputs (no --eval-data)"
+    reference = reference_logits(ctx.fp32_model, images)
+    if artifact.runnable_here:
+        runner_spec, file = artifact.runner, artifact.primary
+    elif artifact.check_with:
+        runner_spec, file = "converters.onnx:OnnxRuntimeRunner", artifact.check_with
+    else:
+        return {"skipped": "the artifact cannot run on this host and has no runnable stand-in"}
+    runner = load_runner_class(runner_spec)(bundle_dir, manifest, artifact=file)
+    try:
+        logits = run_batched(runner, images)
+        desc = runner.description
+    finally:
+        runner.close()
+    result = compare_logits(logits, reference, labels)
+    result.update(images_source=source, runner=desc, file=file)
+    return result
+
+
+def _versions() -> Dict[str, str]:
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "onnx", "onnxruntime", "executorch", "coremltools", "numpy"):
+        try:
+            out[mod] = importlib.import_module(mod).__version__
+        except Exception:  # not installed or no version: leave it out
+            pass
+    return out
+
+
+def convert(spec: BuildSpec) -> Dict[str, Any]:
+    """Build ``spec`` into a bundle at ``spec.output``; returns the manifest."""
+    t0 = time.time()
+    if spec.profile is not None:
+        spec.options = {**spec.profile.options, **spec.options}
+    spec.validate()
+    converter = get_converter(spec.target)
+    converter.validate(spec)
+    ctx = stage_load(spec)
+    ctx.timings["load_s"] = time.time() - t0
+    if converter.needs_calibration(spec):
+        t = time.time()
+        stage_calibrate(ctx)
+        ctx.timings["calibrate_s"] = time.time() - t
+    with staged_bundle(spec.output, overwrite=spec.overwrite) as stage:
+        t = time.time()
+        artifact = converter.convert(ctx, stage)
+        ctx.timings["convert_s"] = time.time() - t
+        manifest = base_manifest(ctx, artifact, stage)
+        if ctx.calibration is not None:
+            ctx.calibration.stats.save(stage / "calibration_stats.npz")
+            write_json(stage / PLAN_FILE, ctx.calibration.plan.to_dict())
+        if artifact.report:
+            write_json(stage / f"{spec.target}_report.json", artifact.report)
+        t = time.time()
+        check = stage_check(ctx, stage, artifact, manifest)
+        ctx.timings["check_s"] = time.time() - t
+        write_json(stage / CHECK_FILE, check)
+        manifest["accuracy_check"] = check
+        manifest["timings"] = {k: round(v, 2) for k, v in ctx.timings.items()}
+        manifest = write_manifest(stage, manifest)
+    log.info("wrote %s in %.1f s", spec.output, time.time() - t0)
+    return manifest
+
+
+def base_manifest(ctx: ConversionContext, artifact, stage: Path) -> Dict[str, Any]:
+    spec = ctx.spec
+    size = ctx.fp32_model.config.img_size
+    manifest: Dict[str, Any] = {
+        "format": "crossvit_edge bundle",
+        "target": spec.target,
+        "model": ctx.model_name,
+        "variant": ctx.model_name,
+        "num_classes": ctx.checkpoint.num_classes,
+        "labels": ctx.labels,
+        "checkpoint": {"source": ctx.checkpoint.source, "metadata": ctx.checkpoint.metadata},
+        "precision": spec.precision,
+        "profile": spec.profile.to_dict() if spec.profile else None,
+        "input": {"name": "image", "shape": [spec.batch_size, 3, size, size], "dtype": "float32", "layout": "NCHW"},
+        "output": {"name": "logits", "shape": [spec.batch_size, ctx.checkpoint.num_classes], "dtype": "float32"},
+        "preprocessing": ctx.preprocessing.to_dict(),
+        "artifact": {"file": artifact.primary, "runner": artifact.runner, "bytes": size_bytes(stage / artifact.primary)},
+        "build": spec.to_dict(),
+        "calibration": ctx.calibration.settings if ctx.calibration else None,
+        "quantization_plan": ctx.calibration.plan.to_dict() if ctx.calibration else None,
+        "versions": _versions(),
+    }
+    manifest.update(artifact.manifest)
+    return manifest
+
+
+def open_bundle(path: Path):
+    """(manifest, runner class) of a bundle folder."""
+    from converters.base import load_runner_class
+
+    manifest = read_manifest(path)
+    return manifest, load_runner_class(manifest["artifact"]["runner"])

@@ -1,0 +1,218 @@
+"""ONNX target: export properties, fp32/fp16/int8 accuracy against the fp32 PyTorch model in ONNX
+Runtime, TensorRT's Q/DQ rules, calibration reuse and bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from converters.onnx import OnnxRuntimeRunner, QDQRuleError, check_qdq_rules
+from crossvit_edge.bundle import read_manifest
+from crossvit_edge.checkpoint import load_checkpoint
+from crossvit_edge.data import open_image_set
+from crossvit_edge.errors import UserError
+from crossvit_edge.pipeline import convert, reference_logits, run_batched
+from crossvit_edge.preprocess import Preprocessing
+from crossvit_edge.spec import BuildSpec, CalibrationSettings
+
+from .conftest import run_cli
+
+
+def _build(tmp, ckpt, precision, digits_dir=None, **kw):
+    calib = CalibrationSettings(data=digits_dir / "train" if digits_dir else None, samples=kw.pop("samples", 32), method=kw.pop("method", "entropy"), stats=kw.pop("stats", None))
+    spec = BuildSpec(target="onnx", output=tmp / f"b_{precision}", precision=precision, checkpoint=str(ckpt), calibration=calib,
+                     eval_data=digits_dir / "val" if digits_dir else None, eval_samples=16, overwrite=True, **kw)
+    convert(spec)
+    return spec.output
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, tiny_checkpoint, digits_dir):
+    tmp = tmp_path_factory.mktemp("onnx")
+    return {p: _build(tmp, tiny_checkpoint, p, digits_dir) for p in ("fp32", "fp16", "int8")}
+
+
+@pytest.fixture(scope="module")
+def val_images(digits_dir):
+    s = open_image_set(digits_dir / "val").sample(16, seed=0)
+    return s.load(Preprocessing()).astype(np.float32), np.asarray(s.labels)
+
+
+def _runner(bundle, **kw):
+    m = read_manifest(bundle)
+    return OnnxRuntimeRunner(bundle, m, **kw), m
+
+
+def test_fp32_graph_properties_and_logits(bundles, tiny_checkpoint, val_images):
+    runner, manifest = _runner(bundles["fp32"])
+    proto = onnx.load(str(runner.artifact_path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == ["image"] and [o.name for o in proto.graph.output] == ["logits"]
+    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 240, 240]
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 17
+    ops = {n.op_type for n in proto.graph.node}
+    assert "LayerNormalization" in ops and "Pow" not in ops
+    assert not ops & {"Identity", "Dropout", "Resize", "Upsample"}
+    x, _ = val_images
+    ref = reference_logits(load_checkpoint(tiny_checkpoint).model, x)
+    got = run_batched(runner, x)
+    assert np.abs(got - ref).max() <= 1e-4
+    assert manifest["accuracy_check"]["max_abs_diff"] <= 1e-4
+    assert manifest["input"] == {"name": "image", "shape": [1, 3, 240, 240], "dtype": "float32", "layout": "NCHW"}
+    for rel, entry in manifest["files"].items():
+        assert len(entry["sha256"]) == 64
+    assert manifest["versions"]["onnxruntime"] and manifest["preprocessing"]["resize_short_side"] == 274
+
+
+def test_fp16_keeps_layernorm_and_softmax_in_fp32(bundles, tiny_checkpoint, val_images):
+    runner, manifest = _runner(bundles["fp16"])
+    proto = onnx.load(str(runner.artifact_path))
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    for node in proto.graph.node:
+        if node.op_type in ("LayerNormalization", "Softmax"):
+            assert types[node.input[0]] == TensorProto.FLOAT, node.name
+    matmul_types = {types.get(n.input[0]) for n in proto.graph.node if n.op_type == "MatMul"}
+    assert TensorProto.FLOAT16 in matmul_types
+    x, _ = val_images
+    ref = reference_logits(load_checkpoint(tiny_checkpoint).model, x)
+    got = run_batched(runner, x)
+    cos = np.sum(got * ref, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.999 and (got.argmax(1) == ref.argmax(1)).mean() == 1.0
+
+
+def test_int8_graph_obeys_tensorrt_rules_and_the_plan(bundles, tiny_checkpoint, val_images):
+    runner, manifest = _runner(bundles["int8"], exact=True)
+    proto = onnx.load(str(runner.artifact_path))
+    n_qdq = check_qdq_rules(proto)
+    plan = manifest["quantization_plan"]
+    n_int8 = plan["summary"]["int8_layers"]
+    int8_weights = {i.name for i in proto.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) >= 2}
+    assert len(int8_weights) == n_int8
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    weighted = 0
+    for node in proto.graph.node:
+        if node.op_type in ("MatMul", "Conv") and node.input[1] in producer and producer[node.input[1]].input[0] in int8_weights:
+            weighted += 1
+            act = producer[node.input[0]]  # the activation side is Q -> DQ too
+            assert act.op_type == "DequantizeLinear" and producer[act.input[0]].op_type == "QuantizeLinear", node.name
+    assert weighted == n_int8
+    # wk and wv of a fusion share their input and its scale: the exporter keeps one Q/DQ pair for both
+    assert 2 * n_int8 < n_qdq <= 3 * n_int8
+    # every int8 layer's input scale in the graph is the plan's
+    consts = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    graph_scales = {float(consts[n.input[1]]) for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    plan_scales = {float(np.float32(l["input_amax"] / 127)) for l in plan["layers"] if l["precision"] == "int8"}
+    assert graph_scales == plan_scales
+    # ORT with optimisations off computes exactly the PyTorch Q/DQ model
+    from calibration.plan import QuantPlan
+    from calibration.qdq import apply_qdq
+
+    model = load_checkpoint(tiny_checkpoint).model
+    qmodel = apply_qdq(model, QuantPlan.from_dict(plan))
+    x, _ = val_images
+    got, ref, sim = run_batched(runner, x), reference_logits(model, x), reference_logits(qmodel, x)
+    # Float summation order differs between the two, which flips a few roundings, and flips spread
+    # through 74 quantized layers. A semantic error (a wrong scale or axis) would be far larger than
+    # the quantization error itself; these stay below it.
+    assert np.abs(got - sim).mean() < np.abs(sim - ref).mean()
+    assert np.abs(got - ref).mean() < 2 * np.abs(sim - ref).mean()
+    # and the int8 model stays close to fp32
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    assert (bundles["int8"] / "calibration_stats.npz").exists()
+    assert (runner.artifact_path.stat().st_size) < 0.4 * (bundles["fp32"] / read_manifest(bundles["fp32"])["artifact"]["file"]).stat().st_size
+
+
+def test_calibration_stats_reuse_gives_identical_scales(bundles, tiny_checkpoint, digits_dir, tmp_path):
+    stats = bundles["int8"] / "calibration_stats.npz"
+    spec = BuildSpec(target="onnx", output=tmp_path / "reuse", precision="int8", checkpoint=str(tiny_checkpoint),
+                     calibration=CalibrationSettings(stats=stats, method="entropy"))
+    convert(spec)
+    a = read_manifest(bundles["int8"])["quantization_plan"]["layers"]
+    b = read_manifest(spec.output)["quantization_plan"]["layers"]
+    assert [l["input_amax"] for l in a] == [l["input_amax"] for l in b]
+
+
+def _qdq_graph(zp=0, zp_type=TensorProto.INT8, scale=0.1, act_scale_shape=(), w_axis=1, w_scales=4):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
+    inits = [
+        helper.make_tensor("s", TensorProto.FLOAT, act_scale_shape, np.full(act_scale_shape or (), scale, np.float32).flatten().tolist()),
+        helper.make_tensor("zp", zp_type, act_scale_shape, np.full(act_scale_shape or (), zp).flatten().tolist()),
+        numpy_helper.from_array(np.ones((8, 4), np.int8), "w"),
+        numpy_helper.from_array(np.full(w_scales, 0.01, np.float32), "ws"),
+        numpy_helper.from_array(np.zeros(w_scales, np.int8), "wzp"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="q_in"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], name="dq_in"),
+        helper.make_node("DequantizeLinear", ["w", "ws", "wzp"], ["wd"], name="dq_w", axis=w_axis),
+        helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm"),
+    ]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_qdq_checker_accepts_a_legal_graph_and_names_offenders():
+    assert check_qdq_rules(_qdq_graph()) == 3
+    cases = [
+        (dict(zp=3), "q_in", "non-zero zero point"),
+        (dict(zp_type=TensorProto.UINT8, zp=0), "q_in", "zero point is uint8"),
+        (dict(scale=-0.1), "q_in", "positive and finite"),
+        (dict(scale=float("inf")), "q_in", "positive and finite"),
+        (dict(act_scale_shape=(8,)), "q_in", "per-channel scales on an activation"),
+        (dict(w_axis=0, w_scales=8), "dq_w", "output-channel axis is 1"),
+    ]
+    for kwargs, node, message in cases:
+        with pytest.raises(QDQRuleError) as e:
+            check_qdq_rules(_qdq_graph(**kwargs))
+        assert node in str(e.value) and message in str(e.value), (kwargs, str(e.value))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--calib-data", "EMPTY"], "no decodable images in"),
+        (["--calib-data", "MISSING"], "image folder not found"),
+        (["--calib-data", "VAL", "--calib-samples", "5000"], "asked for 5000 images but it holds only 360"),
+        (["--calib-data", "VAL", "--calib-method", "kl"], "unknown calibration method 'kl'"),
+        (["--calib-stats", "OTHER"], "statistics were taken on crossvit_9_240, not crossvit_tiny_240"),
+        ([], "needs calibration images"),
+    ],
+)
+def test_cli_bad_calibration_input(tmp_path, tiny_checkpoint, digits_dir, args, message):
+    from calibration.collect import CalibrationStatistics
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    other = tmp_path / "other.npz"
+    if "OTHER" in args:
+        CalibrationStatistics("crossvit_9_240", "0" * 64, {}, {}, {}).save(other)
+    subst = {"EMPTY": tmp_path / "empty", "MISSING": tmp_path / "missing", "VAL": digits_dir / "val", "OTHER": other}
+    args = [str(subst.get(a, a)) for a in args]
+    out = tmp_path / "bundle"
+    r = run_cli("crossvit_edge.convert", "--target", "onnx", "--precision", "int8", "--checkpoint", tiny_checkpoint, "--output", out, *args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".bundle*"))
+
+
+def test_demo_model_int8_accuracy(demo_checkpoint, digits_dir, tmp_path):
+    """The acceptance numbers on the trained demo model and the full digits val split."""
+    fp32 = _build(tmp_path, demo_checkpoint, "fp32")
+    int8 = _build(tmp_path, demo_checkpoint, "int8", digits_dir, samples=256)
+    s = open_image_set(digits_dir / "val")
+    x, y = s.load(Preprocessing()).astype(np.float32), np.asarray(s.labels)
+    torch_logits = reference_logits(load_checkpoint(demo_checkpoint).model, x)
+    r32, _ = _runner(fp32, threads=2)
+    r8, _ = _runner(int8, threads=2)
+    l32, l8 = run_batched(r32, x), run_batched(r8, x)
+    top1 = lambda l: float((l.argmax(1) == y).mean())
+    assert top1(l32) == top1(torch_logits)
+    assert top1(torch_logits) - top1(l8) <= 0.005
+    assert (l8.argmax(1) == l32.argmax(1)).mean() >= 0.99
