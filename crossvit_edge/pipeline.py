@@ -297,6 +297,8 @@ def base_manifest(ctx: ConversionContext, artifact, stage: Path) -> Dict[str, An
         "quantization_plan": ctx.calibration.plan.to_dict() if ctx.calibration else None,
         "versions": _versions(),
     }
+    if artifact.check_with:
+        manifest["artifact"]["stand_in"] = {"file": artifact.check_with, "runner": "converters.onnx:OnnxRuntimeRunner"}
     manifest.update(artifact.manifest)
     return manifest
 

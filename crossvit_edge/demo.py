@@ -1,0 +1,134 @@
+"""``python -m crossvit_edge.demo``: the whole job on the shipped demo model, offline.
+
+1. write scikit-learn's digits as PNG ImageFolders (train/ and val/);
+2. load the demo checkpoint and evaluate it on the val split through the project's preprocessing;
+3. convert it for every target (ONNX fp32/int8, TensorRT bundle for a Jetson profile, ExecuTorch
+   fp32/int8, Core ML fp16/int8-weights/W8A8), calibrating on the train split;
+4. profile every bundle against the fp32 model on the val split: report.json, report.md, report.png.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from .cli_common import run_cli, setup_logging
+
+PROG = "crossvit_edge.demo"
+log = logging.getLogger(__name__)
+
+# (bundle name, target, precision, profile)
+BUILDS = [
+    ("onnx-fp32", "onnx", "fp32", None),
+    ("onnx-int8", "onnx", "int8", None),
+    ("tensorrt-orin-nano-jp6", "tensorrt", "int8", "jetson-orin-nano-jp6"),
+    ("executorch-fp32", "executorch", "fp32", "linux-x86-xnnpack"),
+    ("executorch-int8", "executorch", "int8", "linux-x86-xnnpack"),
+    ("coreml-fp16", "coreml", "fp16", "mac-m4"),
+    ("coreml-int8-weights", "coreml", "int8-weights", "mac-m4"),
+    ("coreml-int8", "coreml", "int8", "iphone-15-pro"),
+]
+EXTRA_MODULE = {"executorch": "executorch", "coreml": "coremltools", "tensorrt": "onnx", "onnx": "onnxruntime"}
+
+
+def evaluate_checkpoint(checkpoint: str, val_dir: Path) -> float:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .data import open_image_set
+    from .pipeline import reference_logits
+    from .preprocess import Preprocessing
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt.model.config
+    images = open_image_set(val_dir, require_labels=True)
+    x = images.load(Preprocessing(cfg.img_size, cfg.crop_pct)).astype(np.float32)
+    with torch.no_grad():
+        logits = reference_logits(ckpt.model, x)
+    return float((logits.argmax(1) == np.asarray(images.labels)).mean())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=Path("demo_data/digits"))
+    p.add_argument("--output", type=Path, default=Path("runs/demo"))
+    p.add_argument("--checkpoint", default=None, help="default: the shipped demo model")
+    p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--only", nargs="*", help="bundle names to build (default: all)")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    setup_logging(args.verbose)
+
+    def body() -> int:
+        from .data import write_digits_imagefolder
+        from .device_profiles import load_profile
+        from .harness import ProfileSettings, markdown_report, plot_report, profile_bundles
+        from .bundle import write_json
+        from .checkpoint import load_checkpoint
+        from .data import open_image_set
+        from .pipeline import convert
+        from .preprocess import Preprocessing
+        from .spec import DEMO_CHECKPOINT, BuildSpec, CalibrationSettings
+
+        checkpoint = args.checkpoint or str(DEMO_CHECKPOINT)
+        train_dir, val_dir = write_digits_imagefolder(args.data)
+        print(f"demo data: {train_dir} and {val_dir} (scikit-learn digits as PNG)")
+        top1 = evaluate_checkpoint(checkpoint, val_dir)
+        print(f"fp32 PyTorch top-1 on the digits val split: {100 * top1:.2f}%")
+
+        bundles = []
+        for name, target, precision, profile in BUILDS:
+            if args.only and name not in args.only:
+                continue
+            if importlib.util.find_spec(EXTRA_MODULE[target]) is None:
+                print(f"skip {name}: the {target} extra is not installed")
+                continue
+            spec = BuildSpec(
+                target=target,
+                output=args.output / name,
+                precision=precision,
+                checkpoint=checkpoint,
+                profile=load_profile(profile) if profile else None,
+                calibration=CalibrationSettings(data=train_dir, samples=args.calib_samples),
+                eval_data=val_dir,
+                eval_samples=100,
+                overwrite=True,
+            )
+            t = time.time()
+            manifest = convert(spec)
+            check = manifest.get("accuracy_check", {})
+            print(
+                f"built {name:24s} {manifest['artifact']['file']:40s} {manifest['artifact']['bytes'] / 1e6:7.2f} MB "
+                f"agreement {100 * check.get('top1_agreement', float('nan')):6.2f}% in {time.time() - t:5.1f} s"
+            )
+            for note in manifest.get("notes", []):
+                print(f"    {note}")
+            bundles.append(spec.output)
+
+        ckpt = load_checkpoint(checkpoint)
+        images = open_image_set(val_dir)
+        report = profile_bundles(
+            bundles, images, Preprocessing(ckpt.model.config.img_size, ckpt.model.config.crop_pct), ckpt.model,
+            ProfileSettings(runs=args.runs, warmup=3, threads=2),
+        )
+        write_json(args.output / "report.json", report)
+        md = markdown_report(report)
+        (args.output / "report.md").write_text(md)
+        plot_report(report, args.output / "report.png")
+        print()
+        print(md)
+        print(f"report: {args.output / 'report.md'} (and report.json, report.png)")
+        return 0
+
+    return run_cli(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
