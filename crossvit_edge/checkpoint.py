@@ -49,6 +49,7 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path, metadata: Opti
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp, metadata=metadata or {})
         os.replace(tmp, path)
