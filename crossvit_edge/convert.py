@@ -109,6 +109,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                 summary[key] = check[key]
         for note in manifest.get("notes", []):
             print(note)
+        plan = manifest.get("quantization_plan") or {}
+        mixed = plan.get("mixed_precision")
+        if mixed:
+            print(
+                f"mixed precision ({mixed['metric']} on {mixed['images']} images): fp32 {100 * mixed['fp32_score']:.2f}%, "
+                f"all-int8 {100 * mixed['all_int8_score']:.2f}%, final {100 * mixed['final_score']:.2f}% "
+                f"(drop {mixed['final_drop_points']:.2f} points, budget {mixed['max_drop_points']})"
+            )
+            for r in mixed["returned_to_float"]:
+                print(f"  kept float: {r['layer']} (sensitivity KL {r['sensitivity_kl']:.2e}, +{r['gain_points']:.2f} points)")
         print(json.dumps(summary))
         return 0
 

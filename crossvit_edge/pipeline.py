@@ -231,11 +231,15 @@ def stage_check(ctx: ConversionContext, bundle_dir: Path, artifact, manifest: Di
 
 
 def _versions() -> Dict[str, str]:
+    """Installed versions, read from package metadata (importing coremltools or executorch just to
+    ask would cost seconds and log warnings)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"python": platform.python_version()}
-    for mod in ("torch", "onnx", "onnxruntime", "executorch", "coremltools", "numpy"):
+    for dist in ("torch", "onnx", "onnxruntime", "onnxscript", "executorch", "torchao", "coremltools", "numpy"):
         try:
-            out[mod] = importlib.import_module(mod).__version__
-        except Exception:  # not installed or no version: leave it out
+            out[dist] = version(dist)
+        except PackageNotFoundError:
             pass
     return out
 
