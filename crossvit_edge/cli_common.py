@@ -14,6 +14,12 @@ def setup_logging(verbose: bool) -> None:
         format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
         stream=sys.stderr,
     )
+    try:
+        # torch configures its own loggers when it is imported, overriding levels set before;
+        # import it first so the levels below stick (both CLIs need torch anyway).
+        import torch  # noqa: F401
+    except ImportError:
+        pass
     for noisy in ("torch", "onnxscript", "onnx_ir", "coremltools", "executorch", "torchao", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
 

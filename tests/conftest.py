@@ -51,3 +51,27 @@ def run_cli(module: str, *args: str, cwd=None):
     import sys
 
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=cwd or REPO)
+
+
+MICRO_MODEL = "crossvit_micro_test_240"
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint(tmp_path_factory) -> Path:
+    """crossvit_tiny_240's layer shapes in one multi-scale block with one ViT block per branch:
+    every module kind a converter meets (both patch embeddings, the resize, attention, MLP, the
+    cross-attention fusion, projections, heads) at a fraction of ExecuTorch's export time, which
+    grows with graph size. The config is registered in the model table for this test session only
+    (in-process: CLI subprocesses do not see it); random weights, 10 classes."""
+    from dataclasses import replace
+
+    from crossvit_edge.checkpoint import save_checkpoint
+    from crossvit_edge.crossvit import CROSSVIT_CONFIGS, CrossViT
+
+    config = replace(CROSSVIT_CONFIGS["crossvit_tiny_240"], name=MICRO_MODEL, depth=(1, 1), num_multiscale_blocks=1, num_classes=10)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(CROSSVIT_CONFIGS, MICRO_MODEL, config)
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp("micro") / "micro.safetensors"
+        save_checkpoint(CrossViT(config).state_dict(), path, {"model": MICRO_MODEL})
+        yield path

@@ -1,0 +1,427 @@
+"""ExecuTorch target: ``.pte`` programs lowered to the XNNPACK delegate, fp32 and int8 (PT2E).
+
+Export is a sequence of named stages, as ExecuTorch's own flow is:
+
+    adapt (XNNPACK-friendly forms) -> capture (torch.export, strict) -> quantize (PT2E, int8 only)
+        -> lower (edge + XNNPACK) -> serialize (.pte, optional BundledProgram)
+
+``adapt`` exists because ExecuTorch 1.5's XNNPACK partitioner has no LayerNorm, no ``select`` and
+no ``expand``: exported as written, CrossViT leaves 50 ``native_layer_norm``, 88 ``expand_copy``
+(4-D ``matmul`` decomposes to expand + bmm), 47 ``select_copy`` and one ``mm`` on portable kernels
+between ~80 delegate calls. ``adapt`` swaps the classes of those modules (same parameters, same
+names, same function) for forms that XNNPACK takes whole: LayerNorm through two GEMVs for mean and
+variance, attention with sliced q/k/v and 3-D ``bmm``, the resize as two ``linear`` ops, the CLS
+token read with a slice. ``tests/test_executorch.py`` checks the adapted model against the original.
+
+int8 follows the quantization plan (``plan_quantizer``): only the ``linear`` / ``conv`` op of each
+plan int8 layer is annotated (per-channel symmetric int8 weights, static per-tensor int8 inputs,
+XNNPACK's scheme); every other annotation the stock quantizer makes is removed, so residual adds,
+concatenations, LayerNorm, softmax, GELU, the single-token paths and the heads stay float. The PT2E
+observers (HistogramObserver: the L2-optimal range of a histogram) are calibrated on the same
+images as every other target (the plan's own clipping ranges are not imported). XNNPACK's static int8 GEMM also writes an int8 output, so
+each plan layer's output is quantized too, with its own calibrated scale, and read back through a
+dequantize by its float consumer. The report lists the layers the program really holds in int8.
+
+Costs worth knowing: ExecuTorch 1.5's lowering runs in Python over the whole graph (about 100 s
+for crossvit_tiny at fp32 and several minutes at int8 on this project's 2-core machines).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+
+from crossvit_edge.errors import UserError
+
+from .base import Artifact, Converter, Runner
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# adapt: XNNPACK-friendly module forms (class swaps; parameters and names untouched)
+
+
+def _xnn_classes():
+    """The adapted classes, built lazily so that importing this module does not import torch."""
+    import torch
+    import torch.nn.functional as F
+
+    from crossvit_edge import crossvit as cv
+
+    class XnnLayerNorm(cv.LayerNorm):
+        """LayerNorm from ops XNNPACK delegates: mean and variance as GEMVs with a 1/C row."""
+
+        def forward(self, x):
+            row = self.mean_row  # a buffer, not torch.full: XNNPACK needs a static GEMM weight
+            centred = x - F.linear(x, row)
+            var = F.linear(centred * centred, row)
+            return centred * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+    def heads(t, b, n, h, d):
+        # (b, n, h*d) -> (b*h, n, d): 3-D operands, so matmul lowers to bmm with no expand
+        return t.reshape(b, n, h, d).permute(0, 2, 1, 3).reshape(b * h, n, d)
+
+    def attend(q, k, v, scale, b, n_q, h, d):
+        attn = torch.softmax(torch.bmm(q * scale, k.transpose(1, 2)), dim=-1)
+        return torch.bmm(attn, v).reshape(b, h, n_q, d).permute(0, 2, 1, 3).reshape(b, n_q, h * d)
+
+    class XnnAttention(cv.Attention):
+        def forward(self, x):
+            b, n, c = x.shape
+            h, d = self.num_heads, self.head_dim
+            qkv = self.qkv(x)  # output features are ordered (3, heads, head_dim): slice, don't select
+            q, k, v = (heads(qkv[:, :, i * c : (i + 1) * c], b, n, h, d) for i in range(3))
+            return self.proj(attend(q, k, v, self.scale, b, n, h, d))
+
+    class XnnCrossAttention(cv.CrossAttention):
+        def forward(self, x):
+            b, n, c = x.shape
+            h, d = self.num_heads, self.head_dim
+            q = heads(self.wq(x[:, 0:1]), b, 1, h, d)
+            k = heads(self.wk(x), b, n, h, d)
+            v = heads(self.wv(x), b, n, h, d)
+            return self.proj(attend(q, k, v, self.scale, b, 1, h, d))
+
+    class XnnCrossViT(cv.CrossViT):
+        def resize_branch1(self, x):
+            a = self.resize_matrix  # A x A^T as linear(x, A), then linear over the other axis
+            return F.linear(F.linear(x, a).transpose(2, 3), a).transpose(2, 3)
+
+        def _embed(self, x, i):
+            cls_token = self.cls_token_0 if i == 0 else self.cls_token_1
+            pos_embed = self.pos_embed_0 if i == 0 else self.pos_embed_1
+            tokens = self.patch_embed[i](x)
+            b = x.shape[0]  # static at export: batch 1 needs no expand (a portable op)
+            cls = cls_token if b == 1 else cls_token.expand(b, -1, -1)
+            return torch.cat((cls, tokens), dim=1) + pos_embed
+
+        def forward(self, x):
+            x0, x1 = self.forward_features(x)
+            b = x.shape[0]
+            return (self.head[0](x0[:, 0:1].reshape(b, -1)) + self.head[1](x1[:, 0:1].reshape(b, -1))) * 0.5
+
+    return {cv.LayerNorm: XnnLayerNorm, cv.Attention: XnnAttention, cv.CrossAttention: XnnCrossAttention, cv.CrossViT: XnnCrossViT}
+
+
+def stage_adapt(model):
+    """A copy of ``model`` whose modules compute the same function in ops XNNPACK delegates."""
+    import copy
+
+    import torch
+
+    swaps = _xnn_classes()
+    adapted = copy.deepcopy(model).eval()
+    for module in adapted.modules():
+        if type(module) in swaps:
+            module.__class__ = swaps[type(module)]
+            if isinstance(module, torch.nn.LayerNorm):
+                c = module.normalized_shape[-1]
+                module.register_buffer("mean_row", torch.full((1, c), 1.0 / c), persistent=False)
+    return adapted
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+
+
+def stage_capture(model, example):
+    import torch
+
+    return torch.export.export(model.eval(), (example,), strict=True)
+
+
+def _module_path(node) -> str:
+    """The module a node was traced from (``blocks.0.blocks.1.2.mlp.fc1``), "" at the top."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path[len("L['self'].") :] if path.startswith("L['self'].") else path
+
+
+def plan_quantizer(layer_names):
+    """XNNPACK's quantizer restricted to the plan: per-channel symmetric int8 weights and static
+    per-tensor int8 activations on the ``linear`` / ``conv`` op of each plan layer, nothing else.
+
+    ``XNNPACKQuantizer.set_module_name`` alone is not enough: after annotating, the stock quantizer
+    propagates the quantized outputs of those layers through reshape / permute / slice, and
+    ``prepare_pt2e`` then also observes the concatenations those feed (the CLS + patch tokens, the
+    fusion outputs: the residual stream). Every annotation that is not on a plan layer's own op is
+    removed again. The layer's output stays quantized (XNNPACK's static int8 GEMM writes int8; its
+    consumers read it through a dequantize), so adds, concatenations, LayerNorm, softmax, GELU and
+    the single-token paths run in float."""
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    from torchao.quantization.pt2e.quantizer.quantizer import QuantizationAnnotation
+
+    names = set(layer_names)
+    weighted = (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+
+    class PlanQuantizer(XNNPACKQuantizer):
+        def annotate(self, model):
+            model = super().annotate(model)
+            for node in model.graph.nodes:
+                plan_op = node.op == "call_function" and node.target in weighted and _module_path(node) in names
+                if not plan_op:
+                    # includes the concatenations, which the stock cat annotator marks whatever the filter
+                    node.meta.pop(Q_ANNOTATION_KEY, None)
+                elif Q_ANNOTATION_KEY not in node.meta:
+                    # the stock conv annotator skips module-name-filtered convs whose weights are
+                    # graph inputs (the patch embeddings here): annotate them the way it would
+                    node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
+                        input_qspec_map={node.args[0]: config.input_activation, node.args[1]: config.weight},
+                        output_qspec=config.output_activation,
+                        _annotated=True,
+                    )
+            return model
+
+    quantizer = PlanQuantizer()
+    for name in sorted(names):
+        quantizer.set_module_name(name, config)
+    return quantizer
+
+
+def quantization_summary(exported) -> Dict[str, Any]:
+    """What the quantized program actually holds, read from its graph: the layers whose weight is
+    int8 (dequantize_per_channel feeding the linear / conv) and the ops whose output is quantized."""
+    import torch
+
+    weighted = (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
+    int8_layers, quantized_outputs = [], Counter()
+    for node in exported.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in weighted and "dequantize_per_channel" in str(getattr(node.args[1], "target", "")):
+            int8_layers.append(_module_path(node))
+        if any("quantize_per_tensor" in str(u.target) and "dequantize" not in str(u.target) for u in node.users):
+            quantized_outputs[str(node.target).replace("aten.", "")] += 1
+    return {"int8_layers": sorted(set(int8_layers)), "quantized_outputs_by_op": dict(sorted(quantized_outputs.items()))}
+
+
+def stage_quantize(model, example, plan, calibration_batches):
+    """PT2E: annotate the plan's int8 layers only, calibrate, convert; returns an exported program."""
+    import torch
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = plan_quantizer([layer.name for layer in plan.int8_layers()])
+    graph = torch.export.export(model.eval(), (example,), strict=True).module()
+    prepared = prepare_pt2e(graph, quantizer)
+    images = 0
+    with torch.no_grad():
+        for batch in calibration_batches:
+            # the program has a static batch size: feed calibration images one batch at a time
+            for start in range(0, len(batch), example.shape[0]):
+                chunk = batch[start : start + example.shape[0]]
+                if len(chunk) == example.shape[0]:
+                    prepared(torch.from_numpy(np.ascontiguousarray(chunk)))
+                    images += len(chunk)
+    if not images:
+        raise UserError("executorch int8: no calibration images reached the PT2E observers")
+    converted = convert_pt2e(prepared)
+    return torch.export.export(converted, (example,), strict=True)
+
+
+def stage_lower(exported, etrecord: bool = False):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    # generate_etrecord keeps the graphs the Inspector needs to name the ETDump's events
+    return to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()], generate_etrecord=etrecord)
+
+
+def delegation_report(edge) -> Dict[str, Any]:
+    """How much of the program XNNPACK took, and which ops stayed on portable kernels."""
+    graph = edge.exported_program().graph
+    delegated = 0
+    portable: Counter = Counter()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target)
+        if "executorch_call_delegate" in name:
+            delegated += 1
+        elif name != "<built-in function getitem>":
+            op = getattr(node.target, "_op", node.target)  # EdgeOpOverload wraps the aten op
+            portable[getattr(op, "__name__", name).replace("aten.", "")] += 1
+    return {"delegate_calls": delegated, "portable_ops": dict(sorted(portable.items())), "portable_op_count": int(sum(portable.values()))}
+
+
+def stage_serialize(edge, path: Path) -> Any:
+    program = edge.to_executorch()
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_bytes(program.buffer)
+    tmp.replace(path)
+    return program
+
+
+def stage_profile(program, pte: Path, inputs: List[np.ndarray], etdump: Path, etrecord: Path, runs: int = 5) -> Dict[str, Any]:
+    """ETDump of ``runs`` executions of ``pte`` (after one warm-up), read back with the Inspector:
+    per-operator times inside the XNNPACK delegate and the method's own time, in milliseconds."""
+    import torch
+    from executorch.devtools import Inspector
+    from executorch.runtime import Runtime
+
+    program.get_etrecord().save(str(etrecord))
+    loaded = Runtime.get().load_program(str(pte), enable_etdump=True, debug_buffer_size=0)
+    method = loaded.load_method("forward")
+    x = torch.from_numpy(np.ascontiguousarray(inputs[0], dtype=np.float32))
+    for _ in range(runs + 1):
+        method.execute([x])
+    loaded.write_etdump_result_to_file(str(etdump), str(etdump) + ".debug")
+    Path(str(etdump) + ".debug").unlink(missing_ok=True)  # empty: no intermediate outputs recorded
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frame = Inspector(etdump_path=str(etdump), etrecord=str(etrecord)).to_dataframe()
+    frame = frame[frame["event_block_name"] == "Execute"]
+    ops: Dict[str, Dict[str, float]] = {}
+    method_ms = None
+    for name, raw, delegated in zip(frame["event_name"], frame["raw"], frame["is_delegated_op"]):
+        steady = list(raw)[1:] or list(raw)  # drop the warm-up run
+        median = float(np.median(steady))
+        if name == "Method::execute":
+            method_ms = median
+            continue
+        if name in ("DELEGATE_CALL", "OPERATOR_CALL"):
+            continue
+        kind = re.sub(r" #\d+$", "", str(name))
+        entry = ops.setdefault(kind, {"count": 0, "median_ms": 0.0, "delegated": bool(delegated)})
+        entry["count"] += 1
+        entry["median_ms"] += median
+    ranked = dict(sorted(ops.items(), key=lambda kv: -kv[1]["median_ms"]))
+    for entry in ranked.values():
+        entry["median_ms"] = round(entry["median_ms"], 4)
+    return {
+        "runs": runs,
+        "method_execute_median_ms": method_ms,
+        "ops_by_kind": ranked,
+        "note": "times from ExecuTorch's event tracer on the build host's CPU, not the target device",
+    }
+
+
+def write_bundled_program(program, model, inputs: List[np.ndarray], path: Path) -> int:
+    """A BundledProgram carrying ``inputs`` and the fp32 model's outputs for them."""
+    import torch
+    from executorch.devtools import BundledProgram
+    from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
+    from executorch.devtools.bundled_program.serialize import serialize_from_bundled_program_to_flatbuffer
+
+    cases = []
+    with torch.no_grad():
+        for x in inputs:
+            t = torch.from_numpy(np.ascontiguousarray(x))
+            cases.append(MethodTestCase(inputs=[t], expected_outputs=[model(t)]))
+    bundled = BundledProgram(program, [MethodTestSuite(method_name="forward", test_cases=cases)])
+    path.write_bytes(serialize_from_bundled_program_to_flatbuffer(bundled))
+    return len(cases)
+
+
+# --------------------------------------------------------------------------------------------------
+# Converter and Runner
+
+
+class ExecuTorchConverter(Converter):
+    target = "executorch"
+    precisions = ("fp32", "int8")
+    requires = ("executorch", "torchao")
+    extra = "executorch"
+
+    def convert(self, ctx, out_dir: Path) -> Artifact:
+        example = ctx.example_input()
+        want_etdump = bool(ctx.spec.option("etdump", False))
+        if ctx.spec.precision == "int8":
+            exported = stage_quantize(stage_adapt(ctx.calibration.model), example, ctx.plan, ctx.calibration_batches())
+            report_quant = quantization_summary(exported)
+        else:
+            exported = stage_capture(stage_adapt(ctx.fp32_model), example)
+        edge = stage_lower(exported, etrecord=want_etdump)
+        report = delegation_report(edge)
+        if ctx.spec.precision == "int8":
+            report["quantization"] = report_quant
+        stem = f"{ctx.model_name}_{ctx.spec.precision}"
+        name = f"{stem}.pte"
+        program = stage_serialize(edge, out_dir / name)
+        files = []
+        n_bundled = int(ctx.spec.option("bundled_inputs", 0) or 0)
+        if n_bundled:
+            bp = f"{stem}.bpte"
+            report["bundled_test_cases"] = write_bundled_program(program, ctx.fp32_model, _test_inputs(ctx, n_bundled), out_dir / bp)
+            files.append(bp)
+        if want_etdump:
+            log.info("profiling one input with ETDump")
+            report["etdump"] = stage_profile(program, out_dir / name, _test_inputs(ctx, 1), out_dir / f"{stem}.etdp", out_dir / f"{stem}.etrecord")
+            files += [f"{stem}.etdp", f"{stem}.etrecord"]
+        if report["portable_op_count"]:
+            log.info("ops left on portable kernels: %s", report["portable_ops"])
+        return Artifact(
+            primary=name,
+            runner="converters.executorch:ExecuTorchRunner",
+            files=files,
+            manifest={
+                "executorch": {
+                    "backend": "xnnpack",
+                    "delegate_calls": report["delegate_calls"],
+                    "portable_ops": report["portable_ops"],
+                    "bundled_program": f"{stem}.bpte" if n_bundled else None,
+                    "etdump": f"{stem}.etdp" if want_etdump else None,
+                }
+            },
+            report=report,
+        )
+
+
+def _test_inputs(ctx, n: int) -> List[np.ndarray]:
+    """``n`` input batches for bundled test cases and profiling: calibration images when there are
+    any (real inputs exercise real ranges), else seeded noise."""
+    batch = ctx.example_input().shape[0]
+    size = ctx.fp32_model.config.img_size
+    if ctx.calibration is not None and ctx.calibration.images is not None:
+        images = ctx.calibration.images
+        flat = images.sample(min(n * batch, len(images)), seed=2).load(ctx.preprocessing).astype(np.float32)
+    else:
+        flat = np.random.default_rng(0).standard_normal((n * batch, 3, size, size)).astype(np.float32)
+    return [flat[i : i + batch] for i in range(0, len(flat) - batch + 1, batch)][:n]
+
+
+class ExecuTorchRunner(Runner):
+    """ExecuTorch's Python runtime (the same C++ runtime an app links) on this host's CPU."""
+
+    target = "executorch"
+
+    def __init__(self, bundle_dir, manifest, artifact=None, threads=None):
+        super().__init__(bundle_dir, manifest, artifact, threads)
+        try:
+            import torch
+            from executorch.runtime import Runtime
+        except ImportError:
+            raise UserError("running .pte files needs the executorch package (pip install 'crossvit-edge[executorch]')") from None
+        self._torch = torch
+        if threads:
+            # The runtime's thread pool (XNNPACK's workers) is process-wide and sized to the cores at
+            # start; torch.set_num_threads does not reach it. Resetting is "unsafe" only while a
+            # method runs, and nothing runs while a runner is being built.
+            from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
+
+            if _threadpool_get_thread_count() != threads:
+                _unsafe_reset_threadpool(threads)
+        self._program = Runtime.get().load_program(str(self.artifact_path))
+        self._method = self._program.load_method("forward")
+
+    @property
+    def description(self) -> str:
+        from importlib.metadata import version
+
+        return f"executorch {version('executorch')} runtime, XNNPACK delegate, CPU"
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        out = self._method.execute([self._torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))])
+        return out[0].detach().numpy().astype(np.float32)

@@ -1,0 +1,689 @@
+"""TensorRT target: bundles for every Jetson profile (ONNX checked statically against the profile's
+TensorRT parser and numerically in ONNX Runtime), the calibration cache format, the static checker,
+the CLI without TensorRT, profile requests a TensorRT cannot honour, and the torch-free device side.
+
+Engine build and run need the tensorrt package and a CUDA GPU; those tests skip with the reason
+when either is missing (this project never fakes tensorrt)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from calibration import trt_cache
+from converters.tensorrt import FP32_PREFIX, TensorRTCheckError, decompose_layernorm, resolve_target, static_check
+from crossvit_edge.bundle import read_manifest
+from crossvit_edge.checkpoint import load_checkpoint
+from crossvit_edge.data import open_image_set
+from crossvit_edge.errors import UserError
+from crossvit_edge.metrics import compare_logits
+from crossvit_edge.pipeline import convert
+from crossvit_edge.preprocess import Preprocessing
+from crossvit_edge.spec import BuildSpec, CalibrationSettings
+from crossvit_edge.device_profiles import load_profile
+
+from .conftest import REPO, run_cli
+
+JETSON_PROFILES = ["jetson-xavier-nx-jp5", "jetson-orin-nano-jp6", "jetson-agx-orin-jp6-dla", "jetson-thor-jp7", "jetson-agx-orin-jp72"]
+# One export per bundle costs ~15 s on two cores: the two graph families (8.5 implicit with LayerNorm
+# decomposed, 10.x strongly typed fp16 + Q/DQ at opset 19) run by default, the other three under -m slow
+# (their trtexec flags and build scripts are checked for every profile, without an export, below).
+FAST_PROFILES = ("jetson-xavier-nx-jp5", "jetson-orin-nano-jp6")
+PROFILE_PARAMS = [p if p in FAST_PROFILES else pytest.param(p, marks=pytest.mark.slow) for p in JETSON_PROFILES]
+NOTE = "engine must be built on the device: run sh build_engine.sh"
+
+
+def _trt_status():
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False, "tensorrt is not installed (it comes with JetPack; NVIDIA's wheels are not on PyPI here)"
+    from converters.tensorrt_device import device_status
+
+    return device_status()
+
+
+TRT_OK, TRT_WHY = _trt_status()
+needs_trt_gpu = pytest.mark.skipif(not TRT_OK, reason=f"engine build/run needs tensorrt and a CUDA GPU: {TRT_WHY}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Bundles for every shipped Jetson profile
+
+
+def _spec(tmp, ckpt, digits_dir, profile, precision="int8", **options):
+    prof = load_profile(profile) if isinstance(profile, str) else profile
+    return BuildSpec(
+        target="tensorrt", output=tmp / f"b_{prof.name}_{precision}", precision=precision, checkpoint=str(ckpt),
+        profile=prof, batch_size=prof.batch_size,
+        calibration=CalibrationSettings(data=digits_dir / "train", samples=16, batch_size=8),
+        eval_data=digits_dir / "val", eval_samples=8, options=dict(options), overwrite=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def bundle_of(tmp_path_factory, tiny_checkpoint, digits_dir):
+    tmp = tmp_path_factory.mktemp("trt")
+    built = {}
+
+    def get(profile: str) -> Path:
+        if profile not in built:
+            spec = _spec(tmp, tiny_checkpoint, digits_dir, profile)
+            convert(spec)
+            built[profile] = spec.output
+        return built[profile]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def val_images(digits_dir, tiny_checkpoint):
+    model = load_checkpoint(str(tiny_checkpoint)).model
+    pre = Preprocessing(input_size=model.config.img_size, crop_pct=model.config.crop_pct)
+    images = open_image_set(digits_dir / "val").sample(8, seed=3)
+    x = images.load(pre).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    return x, ref
+
+
+def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact Q/DQ semantics
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))]).astype(np.float32)
+
+
+@pytest.mark.parametrize("profile", PROFILE_PARAMS)
+def test_every_jetson_profile_gives_a_checked_bundle_close_to_fp32(profile, bundle_of, val_images):
+    bundle = bundle_of(profile)
+    manifest = read_manifest(bundle)
+    trt = manifest["tensorrt"]
+    prof = load_profile(profile)
+    assert manifest["target"] == "tensorrt" and manifest["precision"] == "int8"
+    assert trt["version"] == prof.options["version"] and not trt["engine_built"]
+    # No tensorrt here: the artifact is the ONNX the device builds from, with the one-line note.
+    assert manifest["artifact"]["file"] == trt["onnx"] and (bundle / trt["onnx"]).is_file()
+    assert manifest["artifact"]["runner"] == "converters.tensorrt_device:TensorRTRunner"
+    assert manifest["artifact"]["stand_in"]["file"] == trt["reference_onnx"]
+    notes = [n for n in manifest["notes"] if n.startswith(NOTE)]
+    assert len(notes) == 1 and "\n" not in notes[0]
+
+    # The static check passed at conversion time and passes again on the file in the bundle.
+    report = json.loads((bundle / "tensorrt_report.json").read_text())
+    assert report["passed"] and report["tensorrt_version"] == trt["version"]
+    spec = SimpleNamespace(options=dict(prof.options), precision="int8", profile=prof)
+    model = onnx.load(str(bundle / trt["onnx"]))
+    static_check(model, resolve_target(spec))
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset == trt["opset"] <= resolve_target(spec).parser.opset_max
+    ops = {n.op_type for n in model.graph.node}
+    assert "Pow" not in ops
+
+    # The ONNX the engine is built from, and the stand-in, run in ONNX Runtime close to fp32.
+    x, ref = val_images
+    stand_in = compare_logits(_ort_logits(bundle / trt["reference_onnx"], x), ref)
+    assert stand_in["cosine"] > 0.99, stand_in
+    assert manifest["accuracy_check"]["cosine"] > 0.99
+    build = compare_logits(_ort_logits(bundle / trt["onnx"], x), ref)
+    print(f"{profile}: stand-in {stand_in}; build ONNX {build}")
+
+    # build_engine.sh, run for real in dry-run mode as if by the device's trtexec (same version).
+    r = _dry_run(bundle, trt["version_int"])
+    assert r.returncode == 0, r.stderr
+    cmd = r.stdout
+    assert f"--onnx={trt['onnx']} " in cmd and f"--saveEngine={trt['engine']} " in cmd
+    assert f"--exportLayerInfo={trt['layer_info']} " in cmd
+    _assert_trtexec_flags(cmd, resolve_target(spec))
+    if trt["mode"] == "implicit":  # 8.5.2 on Xavier NX: fp32 graph + our cache
+        assert not ({"QuantizeLinear", "DequantizeLinear"} & ops)
+        assert build["max_abs_diff"] < 1e-3, build  # the build graph is the fp32 model (LayerNorm decomposed)
+        assert f"--calib={trt['calibration_cache']}.device " in cmd
+        cache = (bundle / trt["calibration_cache"]).read_bytes()
+        assert (bundle / f"{trt['calibration_cache']}.device").read_bytes() == cache  # same version: same bytes
+        version, algorithm, scales = trt_cache.parse_cache(cache)
+        assert (version, algorithm) == (8502, "EntropyCalibration2")
+        tensors = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
+        assert set(scales) <= tensors
+        consumers = {t: {n.op_type for n in model.graph.node if t in n.input} for t in scales}
+        assert all(c & {"MatMul", "Conv"} for c in consumers.values()), consumers
+        plan = json.loads((bundle / "quant_plan.json").read_text())
+        amax = np.array([l["input_amax"] for l in plan["layers"] if l["precision"] == "int8"])
+        act = [s for t, s in scales.items() if not t.endswith(".weight")]
+        assert act and all(np.isclose(s * 127, amax, rtol=1e-6).any() for s in act)
+        # A patch release on the device: the cache is handed over with that version's header.
+        r = _dry_run(bundle, 8503)
+        assert r.returncode == 0, r.stderr
+        device = (bundle / f"{trt['calibration_cache']}.device").read_bytes()
+        assert device == trt_cache.with_header_version(cache, "8.5.3") and device.startswith(b"TRT-8503-EntropyCalibration2\n")
+    else:
+        assert build["cosine"] > 0.99
+        assert "--calib" not in cmd and not list(bundle.glob("*.cache*"))
+    if trt["version"].startswith("8.5"):
+        assert "LayerNormalization" not in ops
+        pinned = [n.name for n in model.graph.node if n.name.startswith(FP32_PREFIX)]
+        assert len(pinned) == trt["fp32_layers"] == 9 * 50
+        assert "--precisionConstraints=obey " in cmd
+        assert f"--layerPrecisions={','.join(n + ':fp32' for n in pinned)} " in cmd
+        assert f"--layerOutputTypes={','.join(n + ':fp32' for n in pinned)} " in cmd
+    else:
+        assert "--layerPrecisions" not in cmd
+    if trt["mode"] == "strongly-typed":
+        assert opset == 19  # fp16 Q/DQ scales
+        scales16 = [i for i in model.graph.initializer if i.name.endswith("input_scale")]
+        assert scales16 and all(i.data_type == TensorProto.FLOAT16 for i in scales16)
+    # A trtexec of another TensorRT release refuses the bundle in one line, before building.
+    other = 100300 if trt["version"].startswith("8.") else 8502
+    r = _dry_run(bundle, other)
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1 and "reconvert with the matching profile" in r.stderr
+
+
+def _dry_run(folder: Path, version_int: int, script: str = "build_engine.sh"):
+    """Run a bundle's build script with DRY_RUN=1 (prints the trtexec command instead of running it)
+    as if the device's trtexec reported ``version_int`` in its banner. No trtexec is involved."""
+    import os
+
+    env = {**os.environ, "DRY_RUN": "1", "TRT_VERSION_INT": str(version_int), "TRTEXEC": "/nonexistent/trtexec"}
+    return subprocess.run(["sh", str(folder / script)], capture_output=True, text=True, env=env)
+
+
+def _assert_trtexec_flags(cmd: str, target) -> None:
+    """The version-specific trtexec flags (each checked in samples/common/sampleOptions.cpp of the
+    NVIDIA/TensorRT release branch: see converters.tensorrt.trtexec_flags)."""
+    words = cmd.split()
+    assert words[0] == "/nonexistent/trtexec"
+    assert f"--memPoolSize=workspace:{target.workspace_mib}" in words
+    assert "--timingCacheFile=timing.cache" in words and "--profilingVerbosity=detailed" in words
+    # 8.5 has --buildOnly only; 8.6 added --skipInference; 10.x/11.x have --skipInference only.
+    assert ("--buildOnly" in words) == (target.version[:2] == (8, 5)) != ("--skipInference" in words)
+    if target.strongly_typed:  # 10.x flag, the only mode of 11.x: no precision flags
+        assert "--stronglyTyped" in words and "--int8" not in words and "--fp16" not in words
+    else:
+        assert "--stronglyTyped" not in words
+        assert ("--int8" in words) == (target.precision == "int8")
+        assert ("--fp16" in words) == (target.precision in ("fp16", "int8") or target.dla_core is not None)
+    if target.dla_core is not None:
+        assert f"--useDLACore={target.dla_core}" in words and ("--allowGPUFallback" in words) == target.gpu_fallback
+    else:
+        assert not any(w.startswith("--useDLACore") or w == "--allowGPUFallback" for w in words)
+    if target.major >= 11:  # removed from 11.0's sampleOptions.cpp
+        assert not any(w.startswith(("--calib", "--int8", "--fp16", "--precisionConstraints", "--layerPrecisions")) for w in words)
+
+
+@pytest.mark.parametrize("profile", JETSON_PROFILES)
+def test_build_script_of_every_jetson_profile(profile, tmp_path):
+    """Without an export: the trtexec command each shipped profile gets, and the script's guards."""
+    from converters.tensorrt import build_script, latency_flags, trtexec_flags
+
+    prof = load_profile(profile)
+    target = resolve_target(SimpleNamespace(options=dict(prof.options), precision=prof.precision, profile=prof))
+    cache = "m.calib.cache" if target.mode == "implicit" else None
+    pinned = ["fp32_layernorm_0_mean", "fp32_layernorm_0_sub"] if target.decompose_layernorm else []
+    flags = trtexec_flags(target, "m.onnx", "m.engine", "m.layers.json", cache, pinned)
+    (tmp_path / "build_engine.sh").write_text(build_script(target, flags, latency_flags(target, "m.engine"), cache, "m"))
+    vint = trt_cache.version_int(target.version)
+    if cache:
+        r = _dry_run(tmp_path, vint)
+        assert r.returncode == 1 and "missing m.calib.cache" in r.stderr  # never calibrate on random data
+        (tmp_path / cache).write_text(trt_cache.format_cache(target.version, {"image": 0.02}))
+    r = _dry_run(tmp_path, vint)
+    assert r.returncode == 0, r.stderr
+    _assert_trtexec_flags(r.stdout, target)
+    assert r.stdout.split()[1:3] == ["--onnx=m.onnx", "--saveEngine=m.engine"]
+    if cache:
+        assert "--calib=m.calib.cache.device" in r.stdout.split()
+        assert (tmp_path / "m.calib.cache.device").read_text().splitlines() == [f"TRT-{vint}-EntropyCalibration2", "image: 3ca3d70a"]
+    expected = {"jetson-xavier-nx-jp5": ("implicit", None), "jetson-orin-nano-jp6": ("strongly-typed", None),
+                "jetson-agx-orin-jp6-dla": ("explicit", 0), "jetson-thor-jp7": ("strongly-typed", None),
+                "jetson-agx-orin-jp72": ("strongly-typed", None)}[profile]
+    assert (target.mode, target.dla_core) == expected
+    # The banner of another release's trtexec (patch releases pass; see the cache header above).
+    major, minor, _ = target.version
+    other = 8601 if (major, minor) == (8, 5) else 8502
+    r = _dry_run(tmp_path, other)
+    assert r.returncode == 1 and "reconvert with the matching profile" in r.stderr and r.stdout == ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration cache
+
+# NVIDIA/TensorRT samples/sampleINT8/README.md (release/8.4, lines 127-136): a cache TensorRT 7.0
+# wrote for the MNIST sample, quoted verbatim (README lines 138-140 explain the header and the
+# per-tensor "floating point activation scales"). The README shows lines, not bytes: every line
+# here ends in "\n", which is also what trtexec's reader (std::getline in
+# readScalesFromCalibrationCache, samples/common/sampleEngines.cpp release/8.5 and 10.3) splits on.
+TRT_SAMPLE_CACHE = textwrap.dedent(
+    """\
+    TRT-7000-EntropyCalibration2
+    data: 3c008912
+    conv1: 3c88edfc
+    pool1: 3c88edfc
+    conv2: 3ddc858b
+    pool2: 3ddc858b
+    ip1: 3db6bd6e
+    ip2: 3e691968
+    prob: 3c010a14
+    """
+)
+
+
+def test_cache_matches_tensorrts_own_example_byte_for_byte(tmp_path):
+    version, algorithm, scales = trt_cache.parse_cache(TRT_SAMPLE_CACHE)
+    assert (version, algorithm) == (7000, "EntropyCalibration2")
+    assert list(scales) == ["data", "conv1", "pool1", "conv2", "pool2", "ip1", "ip2", "prob"]
+    # Hand check: 0x3c008912 is the float32 0.0078452..., i.e. amax = 127 * scale = 0.99634 (the
+    # MNIST input in [0, 1]); 0x3c010204 would be exactly 1/127.
+    assert scales["data"] == pytest.approx(0.0078452, rel=1e-4)
+    assert scales["data"] * 127 == pytest.approx(0.99634, rel=1e-4)
+    assert trt_cache.scale_hex(1 / 127) == "3c010204"
+    path = tmp_path / "c.cache"
+    trt_cache.write_cache(path, "7.0.0", scales)
+    assert path.read_bytes() == TRT_SAMPLE_CACHE.encode("ascii")
+
+
+def test_cache_round_trip_and_versions(tmp_path):
+    amax = {"image": 2.64, "layer_norm": 7.93, "blocks.0.blocks.0.0.attn.qkv.weight": 0.31, "/model.0/act/Mul_output_0": 1e-3}
+    text = trt_cache.cache_from_amax("8.5.2", amax)
+    assert text.splitlines()[0] == "TRT-8502-EntropyCalibration2"
+    for line in text.splitlines()[1:]:
+        name, _, digits = line.rpartition(": ")  # trtexec: last colon, then 8 hex digits
+        assert len(digits) == 8 and digits == digits.lower()
+    version, algorithm, scales = trt_cache.parse_cache(text)
+    assert version == 8502 and list(scales) == list(amax)
+    # trtexec's own reader, transliterated (readScalesFromCalibrationCache, samples/common/
+    # sampleEngines.cpp, release/8.5 and 10.3): per line, the last colon, then 8 hex digits from
+    # colon + 2, std::stoi(..., 16) reinterpreted as a float32. It reads the same scales.
+    trtexec = {}
+    for line in text.splitlines():
+        colon = line.rfind(":")
+        if colon >= 0:
+            bits = int(line[colon + 2 : colon + 2 + 8], 16)
+            assert bits < 2**31  # std::stoi would throw on a negative float's bits
+            trtexec[line[:colon]] = float(np.array([bits], np.uint32).view(np.float32)[0])
+    assert trtexec == scales
+    for name, a in amax.items():
+        assert scales[name] == np.float32(np.float32(a) / np.float32(127.0))  # bit-exact float32
+    assert {trt_cache.version_int(v) for v in ("8.5.2", "8.5.2.2")} == {8502}
+    assert [trt_cache.version_int(v) for v in ("8.6.1", "10.3", "10.13.0", "11.4.1")] == [8601, 100300, 101300, 110401]
+    rewritten = trt_cache.with_header_version(text, "8.5.3")
+    assert rewritten.decode().splitlines()[0] == "TRT-8503-EntropyCalibration2"
+    assert rewritten.decode().splitlines()[1:] == text.splitlines()[1:]
+    with pytest.raises(UserError, match="cannot go into"):
+        trt_cache.format_cache("8.5.2", {"a\nb": 0.1})
+    with pytest.raises(UserError, match="positive"):
+        trt_cache.format_cache("8.5.2", {"a": 0.0})
+    with pytest.raises(UserError, match="not a TensorRT calibration cache"):
+        trt_cache.parse_cache("hello\nx: 00000000\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Static checker and LayerNorm decomposition
+
+
+def _target(version, mode="explicit", precision="fp32", **extra):
+    return resolve_target(SimpleNamespace(options={"version": version, "mode": mode, **extra}, precision=precision, profile=None))
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _ln_model(opset=17, name="ln_node"):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 8])
+    rng = np.random.default_rng(0)
+    g = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "gamma")
+    b = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "beta")
+    ln = helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["y"], name=name, axis=-1, epsilon=1e-6)
+    return _model([ln], [x], [y], [g, b], opset)
+
+
+def test_static_check_names_the_offending_node():
+    t85 = _target("8.5.2")
+    # Unsupported op: TensorRT 8.5's parser has no LayerNormalization importer.
+    with pytest.raises(TensorRTCheckError, match=r"TensorRT 8\.5\.2 static check failed: node 'ln_node' \(LayerNormalization\)"):
+        static_check(_ln_model(), t85)
+    static_check(_ln_model(), _target("8.6.1"))  # 8.6 has it
+    # Opset above the parser's range.
+    with pytest.raises(TensorRTCheckError, match=r"opset 18 is outside 7-17"):
+        static_check(_ln_model(opset=18), _target("8.6.1"))
+    # Dynamic shape.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    with pytest.raises(TensorRTCheckError, match=r"input 'x': dynamic shape \['N', 3\]"):
+        static_check(_model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [x], [y]), _target("10.3", "strongly-typed"))
+    # A dtype the parser rejects (BFLOAT16 does not exist for the 8.5 parser; 10.x maps it).
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    yb = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    nodes = [helper.make_node("Cast", ["x"], ["xb"], name="to_bf16", to=TensorProto.BFLOAT16),
+             helper.make_node("Cast", ["xb"], ["y"], name="back", to=TensorProto.FLOAT)]
+    with pytest.raises(TensorRTCheckError, match="BFLOAT16"):
+        static_check(_model(nodes, [x], [yb]), t85)
+    static_check(_model(nodes, [x], [yb]), _target("10.3", "strongly-typed"))
+    # A custom-domain op, and an op no TensorRT version here imports.
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    with pytest.raises(TensorRTCheckError, match=r"node 'mine' \(MyOp\).*plugin"):
+        static_check(_model([helper.make_node("MyOp", ["x"], ["y"], name="mine", domain="com.example")], [x], [y]), t85)
+    with pytest.raises(TensorRTCheckError, match=r"node 'det' \(Det\)"):
+        static_check(_model([helper.make_node("Det", ["x"], ["y"], name="det")], [x], [y]), _target("10.13", "strongly-typed"))
+    # Gelu (opset 20) exists from TensorRT 10.0 on, not in 8.6.
+    with pytest.raises(TensorRTCheckError, match=r"node 'g' \(Gelu\)"):
+        static_check(_model([helper.make_node("Gelu", ["x"], ["y"], name="g")], [x], [y]), _target("8.6.1"))
+    # Q/DQ rules are TensorRT's: a non-zero zero point is named.
+    s = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    z = numpy_helper.from_array(np.array(3, np.int8), "z")
+    qdq = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q_bad"), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="dq")]
+    with pytest.raises(TensorRTCheckError, match="q_bad"):
+        static_check(_model(qdq, [x], [y], [s, z]), _target("10.3", "strongly-typed", precision="int8"))
+    # Several violations: the first is named, the rest counted, still one line.
+    many = [helper.make_node("Det", ["x"], ["a"], name="d1"), helper.make_node("Det", ["a"], ["y"], name="d2")]
+    with pytest.raises(TensorRTCheckError) as e:
+        static_check(_model(many, [x], [y]), t85)
+    assert "'d1'" in str(e.value) and "(+1 more)" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_layernorm_decomposition_is_exact_named_and_pow_free():
+    import onnxruntime as ort
+
+    model = _ln_model()
+    x = np.random.default_rng(1).standard_normal((1, 5, 8)).astype(np.float32) * 30 + 5
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    names = decompose_layernorm(model)
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == ["ReduceMean", "Sub", "Mul", "ReduceMean", "Add", "Sqrt", "Div", "Mul", "Add"]
+    assert names == [n.name for n in model.graph.node] and all(n.startswith(FP32_PREFIX) for n in names)
+    square = model.graph.node[2]
+    assert square.input[0] == square.input[1]  # Mul(d, d), never Pow
+    assert model.graph.node[-1].output[0] == "y"  # downstream tensor names unchanged
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    static_check(model, _target("8.5.2"))
+    # Rank-matched constants: no broadcast Shuffle layers inside the pinned region.
+    ranks = {i.name: len(i.dims) for i in model.graph.initializer}
+    assert set(ranks.values()) == {3}
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_without_tensorrt_writes_bundle_and_one_line_note(tmp_path, tiny_checkpoint, digits_dir):
+    if TRT_OK:
+        pytest.skip("tensorrt and a GPU are present: the engine would be built here")
+    out = tmp_path / "nano_fp16"
+    r = run_cli("crossvit_edge.convert", "--target", "tensorrt", "--profile", "jetson-orin-nano-jp6", "--precision", "fp16",
+                "--checkpoint", tiny_checkpoint, "--eval-data", digits_dir / "val", "--eval-samples", "8", "--output", out)
+    assert r.returncode == 0, r.stderr
+    notes = [l for l in r.stdout.splitlines() if l.startswith(NOTE)]
+    assert len(notes) == 1 and "Jetson Orin Nano" in notes[0] and "TensorRT 10.3" in notes[0]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["artifact"] == "crossvit_tiny_240_fp16.onnx" and summary["cosine"] > 0.99
+    manifest = read_manifest(out)
+    assert manifest["notes"][0] == notes[0]
+    assert (out / "build_engine.sh").is_file() and (out / "crossvit_tiny_240_fp16.onnx").is_file()
+    model = onnx.load(str(out / "crossvit_tiny_240_fp16.onnx"))
+    # Strongly typed fp16: the types are in the graph (fp16 weights), LayerNorm stays an opset-17 op.
+    assert any(i.data_type == TensorProto.FLOAT16 for i in model.graph.initializer)
+    assert "LayerNormalization" in {n.op_type for n in model.graph.node}
+    assert manifest["tensorrt"]["opset"] == 17 and manifest["tensorrt"]["builder_flags"] == []
+
+
+def test_cli_require_engine_fails_before_any_work(tmp_path, tiny_checkpoint):
+    if TRT_OK:
+        pytest.skip("tensorrt and a GPU are present")
+    out = tmp_path / "never"
+    r = run_cli("crossvit_edge.convert", "--target", "tensorrt", "--profile", "jetson-orin-nano-jp6", "--require-engine",
+                "--checkpoint", tiny_checkpoint, "--calib-data", tmp_path / "does-not-matter", "--output", out)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--require-engine" in lines[0] and "build_engine.sh" in lines[0], r.stderr
+    assert not out.exists()
+
+
+def _write_profile(tmp_path, name, version, device, **section):
+    body = {"version": version, "device": device, **section}
+    lines = [f"name: {name}", "target: tensorrt", "precision: int8", "tensorrt:"] + [f"  {k}: {json.dumps(v)}" for k, v in body.items()]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "name,version,device,section,message",
+    [
+        ("thor-dla", "10.13", "Jetson AGX Thor", {"mode": "explicit", "dla_core": 0}, "Jetson AGX Thor has no DLA"),
+        ("nano-dla", "10.3", "Jetson Orin Nano", {"mode": "explicit", "dla_core": 0}, "Jetson Orin Nano has no DLA"),
+        ("orin-dla-strong", "10.3", "Jetson AGX Orin", {"mode": "strongly-typed", "dla_core": 0}, "strongly typed network"),
+        ("orin-dla-1016", "10.16", "Jetson AGX Orin", {"mode": "explicit", "dla_core": 0}, "10.7 was the last"),
+        ("orin-dla-core2", "10.3", "Jetson AGX Orin", {"mode": "explicit", "dla_core": 2}, "has 2 DLA core"),
+        ("jp72-implicit", "11.4.1", "Jetson AGX Orin", {"mode": "implicit"}, "calibrator API was removed in 11.0"),
+        ("jp72-explicit", "11.4.1", "Jetson AGX Orin", {"mode": "explicit"}, "always strongly typed"),
+        ("jp5-strong", "8.5.2", "Jetson Xavier NX", {"mode": "strongly-typed"}, "no strongly typed networks"),
+        ("jp5-opset18", "8.5.2", "Jetson Xavier NX", {"mode": "implicit", "opset": 18}, "opset 18 is above"),
+        ("jp6-opset21", "10.3", "Jetson Orin Nano", {"opset": 21}, r"opset 21 is above .*9-20"),
+        ("unknown", "9.9", "Jetson AGX Orin", {}, "unknown TensorRT version '9.9'"),
+        ("garbage", "latest", "Jetson AGX Orin", {}, "unknown TensorRT version 'latest'"),
+    ],
+)
+def test_profile_the_tensorrt_cannot_honour_fails_in_one_line_before_any_work(tmp_path, tiny_checkpoint, name, version, device, section, message, capsys):
+    from crossvit_edge.convert import main
+
+    path = _write_profile(tmp_path, name, version, device, **section)
+    out = tmp_path / "out"
+    # --calib-data points nowhere: reaching calibration would fail with another message.
+    code = main(["--target", "tensorrt", "--profile", str(path), "--checkpoint", "/nonexistent.safetensors",
+                 "--calib-data", str(tmp_path / "missing"), "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert __import__("re").search(message, err[0]), err[0]
+    assert not out.exists()
+
+
+def test_cli_subprocess_dla_on_thor_is_one_line(tmp_path):
+    path = _write_profile(tmp_path, "thor-dla", "10.13", "Jetson AGX Thor", mode="explicit", dla_core=0)
+    r = run_cli("crossvit_edge.convert", "--target", "tensorrt", "--profile", path, "--output", tmp_path / "o")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "has no DLA" in r.stderr, r.stderr
+
+
+def test_no_profile_is_refused(tmp_path):
+    from converters.tensorrt import TensorRTConverter
+
+    spec = BuildSpec(target="tensorrt", output=tmp_path / "o", precision="fp16")
+    with pytest.raises(UserError, match="needs --profile"):
+        TensorRTConverter().validate(spec)
+
+
+# --------------------------------------------------------------------------------------------------
+# Device side
+
+
+# Prepended to every torch-free subprocess: a meta-path finder that refuses torch (and its
+# submodules) however it is imported, so an indirect import fails loudly instead of loading torch.
+BLOCK_TORCH = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class _BlockTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError(f"torch is blocked in this process (tried to import {name})")
+            return None
+
+    sys.meta_path.insert(0, _BlockTorch())
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("the torch blocker does not work")
+    """
+)
+
+
+def test_device_module_imports_without_torch():
+    code = BLOCK_TORCH + textwrap.dedent(
+        """
+        import converters.tensorrt_device as d
+        from converters.tensorrt_device import TensorRTRunner, build_engine, folder_results, main
+        import crossvit_edge.data, crossvit_edge.preprocess, crossvit_edge.metrics, crossvit_edge.bundle
+        loaded = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in ("torch", "onnx", "onnxruntime", "onnxscript"))
+        assert not loaded, loaded
+        print("ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_device_cli_and_runner_without_an_engine_fail_cleanly(bundle_of, digits_dir, tmp_path):
+    from converters.tensorrt_device import TensorRTRunner
+
+    bundle = bundle_of("jetson-orin-nano-jp6")
+    manifest = read_manifest(bundle)
+    # The harness falls back to the ONNX stand-in on a UserError from the bundle's runner.
+    with pytest.raises(UserError, match="no TensorRT engine"):
+        TensorRTRunner(bundle, manifest)
+    code = BLOCK_TORCH + textwrap.dedent(
+        f"""
+        from converters.tensorrt_device import main
+        sys.exit(main([{str(bundle)!r}, "--data", {str(digits_dir / "val")!r}, "--output", {str(tmp_path / "r.json")!r}]))
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    if not TRT_OK:
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "error:" in r.stderr, r.stderr
+        assert not (tmp_path / "r.json").exists()
+
+
+def test_device_results_file_merges_into_the_harness(bundle_of, digits_dir, tmp_path, tiny_checkpoint):
+    """The device side's folder run and results file, torch-free, executed with the bundle's ONNX
+    stand-in in ONNX Runtime (a real Runner; the TensorRT runner itself needs the device), then
+    merged by the profiling harness against its own fp32 reference on the same images."""
+    import shutil
+
+    from crossvit_edge.harness import ProfileSettings, profile_bundles
+
+    bundle = bundle_of("jetson-orin-nano-jp6")
+    manifest = read_manifest(bundle)
+    folder = tmp_path / "imgs"
+    for i, path in enumerate(open_image_set(digits_dir / "val").sample(6, seed=5).paths):
+        (folder / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / path.parent.name / path.name)
+    out = tmp_path / "results.json"
+    code = BLOCK_TORCH + textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from converters.onnx import OnnxRuntimeRunner
+        from converters.tensorrt_device import folder_results, run_folder
+        from crossvit_edge.bundle import read_manifest, write_json
+        from crossvit_edge.data import open_image_set
+        from crossvit_edge.preprocess import Preprocessing
+
+        bundle = Path({str(bundle)!r})
+        manifest = read_manifest(bundle)
+        runner = OnnxRuntimeRunner(bundle, manifest, artifact=manifest["artifact"]["stand_in"]["file"], exact=True)
+        images = open_image_set(Path({str(folder)!r}))
+        logits = run_folder(runner, images, Preprocessing.from_dict(manifest["preprocessing"]))
+        seconds = []
+        for _ in range(3):
+            t = time.perf_counter()
+            runner.run(Preprocessing.from_dict(manifest["preprocessing"])(images.paths[0])[None])
+            seconds.append(time.perf_counter() - t)
+        write_json(Path({str(out)!r}), folder_results(bundle, manifest, runner, images, logits, seconds, device="this CPU", timing="perf_counter"))
+        assert "torch" not in sys.modules
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert {"bundle", "target", "precision", "runner", "device", "images", "logits", "latency", "engine_bytes", "device_memory_bytes"} <= set(result)
+    assert result["bundle"] == bundle.name and result["latency"]["runs"] == 3 and len(result["logits"]) == 6
+
+    model = load_checkpoint(str(tiny_checkpoint)).model
+    pre = Preprocessing.from_dict(manifest["preprocessing"])
+    images = open_image_set(folder)
+    report = profile_bundles([], images, pre, model, ProfileSettings(warmup=0, runs=1, threads=1), merged=[result])
+    row = report["rows"][1]
+    assert row["name"] == bundle.name and row["latency"] == result["latency"] and row["notes"][0].startswith("merged from device results")
+    assert "not compared" not in " ".join(row["notes"])
+    # The harness matched every image by path: its accuracy is the stand-in's against fp32.
+    with torch.no_grad():
+        ref = model(torch.from_numpy(images.load(pre).astype(np.float32))).numpy()
+    expected = compare_logits(np.asarray(result["logits"], np.float32), ref, np.asarray(images.labels))
+    assert row["accuracy"]["cosine"] == pytest.approx(expected["cosine"]) and row["accuracy"]["cosine"] > 0.99
+    assert row["accuracy"]["top1_agreement"] == expected["top1_agreement"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Engine build and run: need tensorrt and a GPU
+
+
+def _local_profile(tmp_path, precision):
+    from converters.tensorrt_device import compute_capability, installed_version
+
+    major, minor, patch = installed_version()
+    mode = "explicit" if major < 10 else "strongly-typed"
+    section = {"version": f"{major}.{minor}.{patch}", "mode": mode, "workspace_mib": 1024}
+    sm = compute_capability()
+    if sm:
+        section["sm"] = sm
+    path = tmp_path / "local.yaml"
+    path.write_text("name: local\ntarget: tensorrt\n" + f"precision: {precision}\n" + "tensorrt:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in section.items()))
+    return load_profile(str(path))
+
+
+@needs_trt_gpu
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_engine_is_built_and_runs_close_to_fp32(tmp_path, tiny_checkpoint, digits_dir, precision, val_images):
+    from converters.tensorrt_device import TensorRTRunner
+
+    prof = _local_profile(tmp_path, precision)
+    spec = _spec(tmp_path, tiny_checkpoint, digits_dir, prof, precision=precision, require_engine=True)
+    manifest = convert(spec)
+    assert manifest["tensorrt"]["engine_built"] and manifest["artifact"]["file"].endswith(".engine")
+    assert manifest["accuracy_check"]["runner"].startswith("TensorRT")
+    assert manifest["accuracy_check"]["cosine"] > 0.99
+    info = json.loads((spec.output / manifest["tensorrt"]["layer_info"]).read_text())
+    assert info.get("Layers")
+    runner = TensorRTRunner(spec.output, read_manifest(spec.output))
+    try:
+        x, ref = val_images
+        logits = np.concatenate([runner.run(x[i : i + 1]) for i in range(len(x))])
+        assert compare_logits(logits, ref)["cosine"] > 0.99
+        times = runner.time(x[:1], warmup=3, runs=5)
+        assert len(times) == 5 and all(t > 0 for t in times)
+        assert runner.memory_bytes() > 0
+    finally:
+        runner.close()
+
+
+@needs_trt_gpu
+def test_device_cli_builds_and_writes_mergeable_results(tmp_path, tiny_checkpoint, digits_dir):
+    prof = _local_profile(tmp_path, "fp16")
+    spec = _spec(tmp_path, tiny_checkpoint, digits_dir, prof, precision="fp16")
+    convert(spec)
+    (spec.output / "crossvit_tiny_240_fp16.engine").unlink()
+    out = tmp_path / "results.json"
+    r = run_cli("converters.tensorrt_device", spec.output, "--data", digits_dir / "val", "--build", "--runs", "5", "--output", out)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    images = open_image_set(digits_dir / "val")
+    assert result["images"] == [str(p.relative_to(images.root)) for p in images.paths]
+    assert np.asarray(result["logits"]).shape == (len(images), 10)
+    assert {"bundle", "target", "precision", "runner", "device", "latency", "engine_bytes", "device_memory_bytes"} <= set(result)
+    assert result["latency"]["runs"] == 5
