@@ -154,16 +154,10 @@ def _demo_accuracy(demo_checkpoint, digits_dir, tmp_path, samples, n_val):
 
 
 @pytest.mark.slow
-def test_demo_model_fp32_and_int8_on_val_sample(demo_checkpoint, digits_dir, tmp_path):
-    t_torch, t32, t8, agree = _demo_accuracy(demo_checkpoint, digits_dir, tmp_path, samples=64, n_val=120)
-    assert t32 == t_torch
-    assert t8 >= t32 - 0.02 and agree >= 0.97, (t32, t8, agree)
-
-
-@pytest.mark.slow
 def test_demo_model_acceptance_full_val(demo_checkpoint, digits_dir, tmp_path):
     """The issue's acceptance numbers: the full digits val split, 256 calibration images."""
     t_torch, t32, t8, agree = _demo_accuracy(demo_checkpoint, digits_dir, tmp_path, samples=256, n_val=None)
+    print({"torch_top1": t_torch, "fp32_pte_top1": t32, "int8_pte_top1": t8, "int8_agreement_with_fp32": agree})
     assert t32 == t_torch
     assert t32 - t8 <= 0.005 and agree >= 0.99, (t32, t8, agree)
 
