@@ -122,8 +122,13 @@ def test_int8_graph_obeys_tensorrt_rules_and_the_plan(bundles, tiny_checkpoint, 
     # the quantization error itself; these stay below it.
     assert np.abs(got - sim).mean() < np.abs(sim - ref).mean()
     assert np.abs(got - ref).mean() < 2 * np.abs(sim - ref).mean()
-    # and the int8 model stays close to fp32
-    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    # and the int8 model stays close to fp32. Random weights give small logit margins, so top-1
+    # agreement with fp32 is a coin toss on a few images; it is tested on the trained demo model
+    # (test_demo_model_int8_accuracy). Here: the direction of the logits, and ORT's top-1 against
+    # the PyTorch Q/DQ model it should reproduce.
+    cosine = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cosine.min() >= 0.99, cosine
+    assert (got.argmax(1) == sim.argmax(1)).mean() >= 0.9
     assert (bundles["int8"] / "calibration_stats.npz").exists()
     assert (runner.artifact_path.stat().st_size) < 0.4 * (bundles["fp32"] / read_manifest(bundles["fp32"])["artifact"]["file"]).stat().st_size
 
