@@ -759,28 +759,26 @@ def _quantize(a: _Args):
     return np.clip(q, lo, hi).astype(out)
 
 
-@_op("dequantize")
-def _dequantize(a: _Args):
-    q = np.asarray(a.get("input"))
-    axis = a.int("axis")
+def _affine_dequantize(a: _Args, data_key: str, default_axis: Optional[int]) -> np.ndarray:
+    """(q - zero_point) * scale, the parameters broadcast along ``axis`` (both dequantize forms)."""
+    q = np.asarray(a.get(data_key))
+    axis = a.int("axis", default_axis)
     scale = _broadcast_param(a.float("scale"), q.ndim, axis)
     zp = _broadcast_param(a.get("zero_point"), q.ndim, axis)
     x = q.astype(np.float32)
     if zp is not None:
         x = x - zp.astype(np.float32)
     return x * scale
+
+
+@_op("dequantize")
+def _dequantize(a: _Args):
+    return _affine_dequantize(a, "input", None)
 
 
 @_op("constexpr_affine_dequantize")
 def _constexpr_affine_dequantize(a: _Args):
-    q = np.asarray(a.get("quantized_data"))
-    axis = a.int("axis", 0)
-    scale = _broadcast_param(a.float("scale"), q.ndim, axis)
-    zp = _broadcast_param(a.get("zero_point"), q.ndim, axis)
-    x = q.astype(np.float32)
-    if zp is not None:
-        x = x - zp.astype(np.float32)
-    return x * scale
+    return _affine_dequantize(a, "quantized_data", 0)
 
 
 @_op("constexpr_blockwise_shift_scale")
