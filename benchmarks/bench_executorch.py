@@ -11,11 +11,9 @@ does not depend on their values.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +21,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import parse_args, workspace  # noqa: E402
 
 
 def median_ms(runner, x, runs, warmup=3):
@@ -37,33 +38,16 @@ def median_ms(runner, x, runs, warmup=3):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="crossvit_9_240")
-    ap.add_argument("--runs", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--calib-samples", type=int, default=64, help="latency does not depend on it")
-    args = ap.parse_args()
-
-    import logging
+    args = parse_args(__doc__.splitlines()[0], calib_samples=64, calib_help="latency does not depend on it")
 
     import torch
 
     from converters.executorch import ExecuTorchRunner, delegation_report, stage_capture, stage_lower, stage_serialize
     from crossvit_edge.bundle import read_manifest
-    from crossvit_edge.checkpoint import save_checkpoint
-    from crossvit_edge.crossvit import create_model
-    from crossvit_edge.data import write_digits_imagefolder
     from crossvit_edge.pipeline import convert
     from crossvit_edge.spec import BuildSpec, CalibrationSettings
 
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="bench_executorch_"))
-    train_dir, _ = write_digits_imagefolder(work / "digits")
-    torch.manual_seed(0)
-    model = create_model(args.model, num_classes=10).eval()
-    ckpt = work / "model.safetensors"
-    save_checkpoint(model.state_dict(), ckpt, {"model": args.model})
+    work, train_dir, model, ckpt = workspace("bench_executorch_", args.model, args.threads)
 
     builds = {}
     t = time.time()

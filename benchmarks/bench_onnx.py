@@ -10,13 +10,11 @@ Weights are random (timm's init; no downloads): latency does not depend on their
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections import defaultdict
@@ -25,6 +23,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import parse_args, workspace  # noqa: E402
 
 
 def median_ms(session, x, runs, warmup=10):
@@ -107,30 +108,12 @@ def export_naive(model_name, path):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="crossvit_9_240")
-    ap.add_argument("--runs", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--calib-samples", type=int, default=256)
-    args = ap.parse_args()
+    args = parse_args(__doc__.splitlines()[0], calib_samples=256)
 
-    import logging
-
-    import torch
-
-    from crossvit_edge.checkpoint import save_checkpoint
-    from crossvit_edge.crossvit import create_model
-    from crossvit_edge.data import write_digits_imagefolder
     from crossvit_edge.pipeline import convert
     from crossvit_edge.spec import BuildSpec, CalibrationSettings
 
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="bench_onnx_"))
-    train_dir, _ = write_digits_imagefolder(work / "digits")
-    torch.manual_seed(0)
-    ckpt = work / "model.safetensors"
-    save_checkpoint(create_model(args.model, num_classes=10).state_dict(), ckpt, {"model": args.model})
+    work, train_dir, _, ckpt = workspace("bench_onnx_", args.model, args.threads)
 
     naive = work / "naive.onnx"
     how = export_naive(args.model, naive)
