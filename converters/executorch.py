@@ -148,18 +148,19 @@ def plan_quantizer(layer_names):
     """XNNPACK's quantizer restricted to the plan: per-channel symmetric int8 weights and static
     per-tensor int8 activations on the ``linear`` / ``conv`` op of each plan layer, nothing else.
 
-    ``XNNPACKQuantizer.set_module_name`` alone is not enough: after annotating, the stock quantizer
+    The stock ``XNNPACKQuantizer.set_module_name`` does not give that: after annotating, it
     propagates the quantized outputs of those layers through reshape / permute / slice, and
     ``prepare_pt2e`` then also observes the concatenations those feed (the CLS + patch tokens, the
-    fusion outputs: the residual stream). Every annotation that is not on a plan layer's own op is
-    removed again. The layer's output stays quantized (XNNPACK's static int8 GEMM writes int8; its
-    consumers read it through a dequantize), so adds, concatenations, LayerNorm, softmax, GELU and
-    the single-token paths run in float."""
+    fusion outputs: the residual stream); it skips the patch-embedding convs (their weights are graph
+    inputs); and it is slow (for every module name and every pattern it traces the pattern again:
+    176 ``torch.export`` calls and ~110 s for a one-block CrossViT). So this quantizer annotates the
+    plan's ops itself, the way XNNPACK's linear / conv annotators do, and keeps XNNPACK's graph
+    preparation (scalars to tensors). The layer's output stays quantized (XNNPACK's static int8 GEMM
+    writes int8; its consumers read it through a dequantize), so adds, concatenations, LayerNorm,
+    softmax, GELU and the single-token paths run in float."""
     import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
-    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
-
-    from torchao.quantization.pt2e.quantizer.quantizer import QuantizationAnnotation
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY, QuantizationAnnotation
 
     names = set(layer_names)
     weighted = (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
@@ -167,26 +168,17 @@ def plan_quantizer(layer_names):
 
     class PlanQuantizer(XNNPACKQuantizer):
         def annotate(self, model):
-            model = super().annotate(model)
             for node in model.graph.nodes:
-                plan_op = node.op == "call_function" and node.target in weighted and _module_path(node) in names
-                if not plan_op:
-                    # includes the concatenations, which the stock cat annotator marks whatever the filter
-                    node.meta.pop(Q_ANNOTATION_KEY, None)
-                elif Q_ANNOTATION_KEY not in node.meta:
-                    # the stock conv annotator skips module-name-filtered convs whose weights are
-                    # graph inputs (the patch embeddings here): annotate them the way it would
+                if node.op == "call_function" and node.target in weighted and _module_path(node) in names:
+                    qspecs = {node.args[0]: config.input_activation, node.args[1]: config.weight}
+                    if len(node.args) > 2 and node.args[2] is not None and config.bias is not None:
+                        qspecs[node.args[2]] = config.bias
                     node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
-                        input_qspec_map={node.args[0]: config.input_activation, node.args[1]: config.weight},
-                        output_qspec=config.output_activation,
-                        _annotated=True,
+                        input_qspec_map=qspecs, output_qspec=config.output_activation, _annotated=True
                     )
             return model
 
-    quantizer = PlanQuantizer()
-    for name in sorted(names):
-        quantizer.set_module_name(name, config)
-    return quantizer
+    return PlanQuantizer()
 
 
 def quantization_summary(exported) -> Dict[str, Any]:

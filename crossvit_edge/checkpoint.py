@@ -138,16 +138,34 @@ def _num_classes(sd: Mapping[str, torch.Tensor]) -> int:
     return int(sd["head.0.weight"].shape[0])
 
 
+def _hub_unreachable(endpoint: str, timeout: float = 5.0) -> Optional[str]:
+    """Why the hub's host does not answer a TCP connect, or None when it does. huggingface_hub
+    itself retries a failed name lookup five times with back-off (about 25 s) before it gives up."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{url.hostname} does not answer ({e.strerror or e})"
+
+
 def _download_hub(spec: str) -> Path:
-    """``hf-hub:timm/crossvit_9_240.in1k`` -> local path of its model.safetensors."""
+    """``hf-hub:timm/crossvit_9_240.in1k`` -> local path of its model.safetensors (the local cache
+    when the hub does not answer)."""
     repo = spec[len("hf-hub:") :]
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
     except ImportError:
         raise UserError(f"{spec}: huggingface_hub is not installed (pip install huggingface_hub)") from None
+    offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _hub_unreachable(constants.ENDPOINT)
     try:
-        return Path(hf_hub_download(repo, "model.safetensors"))
-    except Exception as e:  # offline, unknown repo, auth: all are one-line user errors here
+        return Path(hf_hub_download(repo, "model.safetensors", local_files_only=offline is not None))
+    except Exception as e:  # unknown repo, auth, not cached: all are one-line user errors here
+        if offline:
+            raise UserError(f"cannot download {spec}: offline ({offline}) and not in the local Hugging Face cache") from None
         raise UserError(f"cannot download {spec} (offline or unknown repository): {_first_line(e)}") from None
 
 

@@ -15,7 +15,7 @@ timm is what matters for export:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Dict, List, Mapping, Tuple
 
 import torch

@@ -62,6 +62,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--calib-samples", type=int, default=256)
     p.add_argument("--only", nargs="*", help="bundle names to build (default: all)")
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--checker-samples", type=int, default=100,
+                   help="val images for the numpy Core ML checker (about 1.5 s an image here); 0: all")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
@@ -116,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         images = open_image_set(val_dir)
         report = profile_bundles(
             bundles, images, Preprocessing(ckpt.model.config.img_size, ckpt.model.config.crop_pct), ckpt.model,
-            ProfileSettings(runs=args.runs, warmup=3, threads=2),
+            ProfileSettings(runs=args.runs, warmup=3, threads=2, checker_samples=args.checker_samples or None),
         )
         write_json(args.output / "report.json", report)
         md = markdown_report(report)

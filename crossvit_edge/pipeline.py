@@ -8,7 +8,6 @@ Data flows one way; each stage's output is the next one's input and is written i
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import math
 import platform

@@ -4,11 +4,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# at most 2 threads each, and no more threads than cores across pytest-xdist's workers
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,33 +45,53 @@ def demo_checkpoint() -> Path:
     return DEMO_CHECKPOINT
 
 
-def run_cli(module: str, *args: str, cwd=None):
-    """Run ``python -m module args`` and return the CompletedProcess (text)."""
+MICRO_MODEL = "crossvit_micro_test_240"
+MICRO_CLI = Path(__file__).with_name("micro_cli.py")
+
+
+def micro_config():
+    """crossvit_tiny_240's layer shapes in one multi-scale block with one ViT block per branch:
+    every module kind a converter meets (both patch embeddings, the resize, attention, MLP, the
+    cross-attention fusion, projections, heads) at a fraction of the export, lowering, conversion
+    and calibration time, which all grow with graph size. Tests only: not a CrossViT variant."""
+    from dataclasses import replace
+
+    from crossvit_edge.crossvit import CROSSVIT_CONFIGS
+
+    return replace(CROSSVIT_CONFIGS["crossvit_tiny_240"], name=MICRO_MODEL, depth=(1, 1), num_multiscale_blocks=1, num_classes=10)
+
+
+def run_cli(module: str, *args: str, cwd=None, micro=False):
+    """Run ``python -m module args`` and return the CompletedProcess (text). ``micro``: the same
+    module run as ``__main__`` by tests/micro_cli.py, which first adds the micro config to the
+    model table (a subprocess does not see the test session's table)."""
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=cwd or REPO)
-
-
-MICRO_MODEL = "crossvit_micro_test_240"
+    cmd = [sys.executable, str(MICRO_CLI), module] if micro else [sys.executable, "-m", module]
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=cwd or REPO)
 
 
 @pytest.fixture(scope="session")
-def micro_checkpoint(tmp_path_factory) -> Path:
-    """crossvit_tiny_240's layer shapes in one multi-scale block with one ViT block per branch:
-    every module kind a converter meets (both patch embeddings, the resize, attention, MLP, the
-    cross-attention fusion, projections, heads) at a fraction of ExecuTorch's export time, which
-    grows with graph size. The config is registered in the model table for this test session only
-    (in-process: CLI subprocesses do not see it); random weights, 10 classes."""
-    from dataclasses import replace
+def micro_model_registered():
+    """The micro config in the model table for the rest of the test session (in-process)."""
+    from crossvit_edge.crossvit import CROSSVIT_CONFIGS
 
-    from crossvit_edge.checkpoint import save_checkpoint
-    from crossvit_edge.crossvit import CROSSVIT_CONFIGS, CrossViT
-
-    config = replace(CROSSVIT_CONFIGS["crossvit_tiny_240"], name=MICRO_MODEL, depth=(1, 1), num_multiscale_blocks=1, num_classes=10)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(CROSSVIT_CONFIGS, MICRO_MODEL, config)
-        torch.manual_seed(0)
-        path = tmp_path_factory.mktemp("micro") / "micro.safetensors"
-        save_checkpoint(CrossViT(config).state_dict(), path, {"model": MICRO_MODEL})
-        yield path
+        mp.setitem(CROSSVIT_CONFIGS, MICRO_MODEL, micro_config())
+        yield MICRO_MODEL
+
+
+def make_micro_checkpoint(path: Path, seed: int = 0, **metadata) -> Path:
+    """A random-weight micro CrossViT (10 classes) saved as safetensors; needs micro_model_registered."""
+    from crossvit_edge.checkpoint import save_checkpoint
+    from crossvit_edge.crossvit import CrossViT
+
+    torch.manual_seed(seed)
+    save_checkpoint(CrossViT(micro_config()).state_dict(), path, {"model": MICRO_MODEL, **metadata})
+    return path
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint(tmp_path_factory, micro_model_registered) -> Path:
+    return make_micro_checkpoint(tmp_path_factory.mktemp("micro") / "micro.safetensors")

@@ -22,6 +22,17 @@ def model():
 
 
 @pytest.fixture(scope="module")
+def micro():
+    """The tests' one-block CrossViT: the statistics pass costs a fraction of crossvit_tiny's."""
+    from crossvit_edge.crossvit import CrossViT
+
+    from .conftest import micro_config
+
+    torch.manual_seed(0)
+    return CrossViT(micro_config()).eval()
+
+
+@pytest.fixture(scope="module")
 def images(digits_dir):
     s = open_image_set(digits_dir / "train").sample(16, seed=0)
     return s.load(Preprocessing()).astype(np.float32)
@@ -63,11 +74,11 @@ def test_histogram_is_order_deterministic():
     assert np.array_equal(a.counts, b.counts) and a.width == b.width
 
 
-def test_statistics_are_bit_identical_and_reusable(model, images, tmp_path):
-    layers = quantizable_layer_names(model)
+def test_statistics_are_bit_identical_and_reusable(micro, images, tmp_path):
+    layers = quantizable_layer_names(micro)
     batches = lambda: (images[i : i + 4] for i in range(0, len(images), 4))
-    s1 = collect_statistics(model, "crossvit_tiny_240", layers, batches())
-    s2 = collect_statistics(model, "crossvit_tiny_240", layers, batches())
+    s1 = collect_statistics(micro, "micro", layers, batches())
+    s2 = collect_statistics(micro, "micro", layers, batches())
     for name in layers:
         assert np.array_equal(s1.layers[name].counts, s2.layers[name].counts)
     assert s1.amax("entropy") == s2.amax("entropy")
@@ -113,15 +124,16 @@ def test_smoothing_preserves_the_function_and_flattens_ranges(model, images):
     assert ratio(after.channel_amax[name]) < ratio(stats.channel_amax[name]) / 3
 
 
-def test_qdq_model_matches_fake_quant_semantics(model, images):
+def test_qdq_model_matches_fake_quant_semantics(micro, images):
+    model = micro
     x = torch.tensor([0.5, -0.26, 1000.0, 0.015, 0.025])
     scale = torch.tensor(0.01)
     got = quantize_dequantize(x, scale, torch.tensor(0, dtype=torch.int8))
     # round half to even, saturate at 127 (and -128)
     assert torch.allclose(got, torch.tensor([0.5, -0.26, 1.27, 0.02, 0.02]))
     layers = quantizable_layer_names(model)
-    stats = collect_statistics(model, "crossvit_tiny_240", layers, [images[:8]])
-    plan = build_plan(model, "crossvit_tiny_240", stats.amax("percentile", 99.99), {})
+    stats = collect_statistics(model, "micro", layers, [images[:8]])
+    plan = build_plan(model, "micro", stats.amax("percentile", 99.99), {})
     q = apply_qdq(model, plan)
     with torch.no_grad():
         a, b = model(torch.from_numpy(images)), q(torch.from_numpy(images))
@@ -129,21 +141,24 @@ def test_qdq_model_matches_fake_quant_semantics(model, images):
     assert 0.98 < cos < 1.0  # quantized: close, not identical
 
 
-def test_mixed_precision_returns_the_most_sensitive_layers_first(model, images):
+def test_mixed_precision_returns_the_most_sensitive_layers_first(micro, images):
     from calibration.sensitivity import mixed_precision
 
+    model = micro
     layers = quantizable_layer_names(model)
-    stats = collect_statistics(model, "crossvit_tiny_240", layers, [images[:8]])
+    stats = collect_statistics(model, "micro", layers, [images[:8]])
     # a deliberately bad plan: a few layers with a range far too small to hold their inputs
     amax = stats.amax("minmax")
-    bad = {"blocks.0.blocks.1.0.attn.qkv": 0.05, "blocks.1.blocks.1.2.mlp.fc1": 0.05}
+    bad = {"blocks.0.blocks.1.0.attn.qkv": 0.05, "blocks.0.blocks.0.0.mlp.fc1": 0.05}
     amax.update(bad)
-    keep = set(bad) | {"blocks.0.blocks.1.0.mlp.fc1", "blocks.2.blocks.1.3.attn.proj"}
-    plan = build_plan(model, "crossvit_tiny_240", amax, {}).with_float([n for n in layers if n not in keep], "test")
+    keep = set(bad) | {"blocks.0.blocks.1.0.mlp.fc1", "blocks.0.blocks.0.0.attn.proj"}
+    plan = build_plan(model, "micro", amax, {}).with_float([n for n in layers if n not in keep], "test")
     out = mixed_precision(model, plan, images, None, max_drop=0.0, sensitivity_images=8)
     rec = out.mixed_precision
     returned = [r["layer"] for r in rec["returned_to_float"]]
-    assert set(returned[:2]) == set(bad)  # the two broken layers are the most sensitive
+    # broken layers are the most sensitive: only they go back to float (on this model returning one
+    # of them already restores full agreement)
+    assert returned and set(returned) <= set(bad), returned
     sens = [r["sensitivity_kl"] for r in rec["returned_to_float"]]
     assert sens == sorted(sens, reverse=True)
     assert rec["final_drop_points"] <= 0.0 + 1e-9

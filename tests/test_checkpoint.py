@@ -96,9 +96,17 @@ def test_class_count_mismatch_and_missing_keys(model, tmp_path):
         load_checkpoint(path, model_name="crossvit_9_240")
 
 
-def test_hub_name_offline_is_one_line_error():
-    with pytest.raises(UserError, match="hf-hub:timm/crossvit_9_240.in1k"):
+def test_hub_name_offline_is_one_line_error(tmp_path, monkeypatch):
+    """A hub that does not answer (a closed local port here, whatever this machine's network) and an
+    empty cache: one line, quickly, rather than huggingface_hub's five retries with back-off."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError) as e:
         load_checkpoint("hf-hub:timm/crossvit_9_240.in1k")
+    message = str(e.value)
+    assert "hf-hub:timm/crossvit_9_240.in1k" in message and "127.0.0.1 does not answer" in message, message
+    assert "not in the local Hugging Face cache" in message and "\n" not in message
 
 
 @pytest.mark.parametrize(

@@ -79,12 +79,12 @@ def test_metrics_against_hand_computed_values():
     assert lat["p50_ms"] == pytest.approx(25.0) and lat["throughput_ips"] == pytest.approx(80.0)
 
 
-def test_profile_cli_reports_json_markdown_and_plot(tmp_path, tiny_checkpoint, digits_dir):
+def test_profile_cli_reports_json_markdown_and_plot(tmp_path, micro_checkpoint, digits_dir):
     bundle = tmp_path / "b"
-    r = run_cli("crossvit_edge.convert", "--target", "onnx", "--checkpoint", tiny_checkpoint, "--output", bundle)
+    r = run_cli("crossvit_edge.convert", "--target", "onnx", "--checkpoint", micro_checkpoint, "--output", bundle, micro=True)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "report"
-    r = run_cli("crossvit_edge.profile", bundle, "--data", digits_dir / "val", "--samples", 20, "--runs", 3, "--warmup", 1, "--output", out)
+    r = run_cli("crossvit_edge.profile", bundle, "--data", digits_dir / "val", "--samples", 20, "--runs", 3, "--warmup", 1, "--output", out, micro=True)
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
     rows = {row["name"]: row for row in report["rows"]}
