@@ -72,9 +72,10 @@ def run_cli(module: str, *args: str, cwd=None, micro=False):
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=cwd or REPO)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def micro_model_registered():
-    """The micro config in the model table for the rest of the test session (in-process)."""
+    """The micro config in the model table (in-process) while the requesting test module runs; gone
+    again afterwards, so tests of the table itself see only the real variants."""
     from crossvit_edge.crossvit import CROSSVIT_CONFIGS
 
     with pytest.MonkeyPatch.context() as mp:
@@ -92,6 +93,32 @@ def make_micro_checkpoint(path: Path, seed: int = 0, **metadata) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def micro_checkpoint(tmp_path_factory, micro_model_registered) -> Path:
     return make_micro_checkpoint(tmp_path_factory.mktemp("micro") / "micro.safetensors")
+
+
+def demo_int8_acceptance(demo_checkpoint, digits_dir, build_runner, target: str) -> dict:
+    """The int8 acceptance numbers of one target on the trained demo model and the full digits val
+    split: ``build_runner(precision, calib_samples)`` builds a bundle of the demo checkpoint and
+    returns its Runner. The fp32 artifact equals PyTorch in top-1; int8 loses at most 0.5 points
+    and agrees with fp32 on at least 99% of the images."""
+    import numpy as np
+
+    from crossvit_edge.checkpoint import load_checkpoint
+    from crossvit_edge.data import open_image_set
+    from crossvit_edge.pipeline import reference_logits, run_batched
+    from crossvit_edge.preprocess import Preprocessing
+
+    images = open_image_set(digits_dir / "val")
+    x, y = images.load(Preprocessing()).astype(np.float32), np.asarray(images.labels)
+    torch_logits = reference_logits(load_checkpoint(demo_checkpoint).model, x)
+    fp32 = run_batched(build_runner("fp32", None), x)
+    int8 = run_batched(build_runner("int8", 256), x)
+    top1 = lambda logits: float((logits.argmax(1) == y).mean())  # noqa: E731
+    result = {"torch_top1": top1(torch_logits), f"fp32_{target}_top1": top1(fp32), f"int8_{target}_top1": top1(int8),
+              "int8_agreement_with_fp32": float((int8.argmax(1) == fp32.argmax(1)).mean())}
+    print(result)
+    assert top1(fp32) == top1(torch_logits), result
+    assert top1(fp32) - top1(int8) <= 0.005 and result["int8_agreement_with_fp32"] >= 0.99, result
+    return result

@@ -20,7 +20,7 @@ from crossvit_edge.pipeline import convert, reference_logits, run_batched  # noq
 from crossvit_edge.preprocess import Preprocessing  # noqa: E402
 from crossvit_edge.spec import BuildSpec, CalibrationSettings  # noqa: E402
 
-from .conftest import run_cli  # noqa: E402
+from .conftest import demo_int8_acceptance, run_cli  # noqa: E402
 
 
 def _build(tmp, ckpt, precision, digits_dir=None, samples=32, eval_samples=16, **options):
@@ -144,22 +144,14 @@ def test_int8_follows_the_plan(tmp_path, micro_checkpoint, digits_dir):
     assert got.shape == fp32.shape and not np.allclose(got, fp32, atol=1e-6)  # it is really quantized
 
 
-def _demo_accuracy(demo_checkpoint, digits_dir, tmp_path, samples, n_val):
-    x, y = _images(digits_dir, n_val)
-    torch_logits = reference_logits(load_checkpoint(demo_checkpoint).model, x)
-    fp32 = run_batched(_runner(_build(tmp_path, demo_checkpoint, "fp32")), x)
-    int8 = run_batched(_runner(_build(tmp_path, demo_checkpoint, "int8", digits_dir, samples=samples, eval_samples=8)), x)
-    top1 = lambda l: float((l.argmax(1) == y).mean())  # noqa: E731
-    return top1(torch_logits), top1(fp32), top1(int8), float((int8.argmax(1) == fp32.argmax(1)).mean())
-
-
 @pytest.mark.slow
 def test_demo_model_acceptance_full_val(demo_checkpoint, digits_dir, tmp_path):
-    """The issue's acceptance numbers: the full digits val split, 256 calibration images."""
-    t_torch, t32, t8, agree = _demo_accuracy(demo_checkpoint, digits_dir, tmp_path, samples=256, n_val=None)
-    print({"torch_top1": t_torch, "fp32_pte_top1": t32, "int8_pte_top1": t8, "int8_agreement_with_fp32": agree})
-    assert t32 == t_torch
-    assert t32 - t8 <= 0.005 and agree >= 0.99, (t32, t8, agree)
+    """The issue's acceptance numbers in the ExecuTorch runtime: the full digits val split, 256 calibration images."""
+
+    def build_runner(precision, samples):
+        return _runner(_build(tmp_path, demo_checkpoint, precision, digits_dir if samples else None, samples=samples or 32, eval_samples=8))
+
+    demo_int8_acceptance(demo_checkpoint, digits_dir, build_runner, "pte")
 
 
 @pytest.mark.parametrize(

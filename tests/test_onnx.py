@@ -16,7 +16,7 @@ from crossvit_edge.pipeline import convert, reference_logits, run_batched
 from crossvit_edge.preprocess import Preprocessing
 from crossvit_edge.spec import BuildSpec, CalibrationSettings
 
-from .conftest import run_cli
+from .conftest import demo_int8_acceptance, run_cli
 
 
 def _build(tmp, ckpt, precision, digits_dir=None, **kw):
@@ -205,3 +205,13 @@ def test_cli_bad_calibration_input(tmp_path, tiny_checkpoint, digits_dir, args, 
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not out.exists() and not list(tmp_path.glob(".bundle*"))
+
+
+@pytest.mark.slow
+def test_demo_model_int8_accuracy_full_val(demo_checkpoint, digits_dir, tmp_path):
+    """The issue's acceptance numbers in ONNX Runtime: the full digits val split, 256 calibration images."""
+
+    def build_runner(precision, samples):
+        return _runner(_build(tmp_path, demo_checkpoint, precision, digits_dir if samples else None, samples=samples or 32), threads=2)[0]
+
+    demo_int8_acceptance(demo_checkpoint, digits_dir, build_runner, "onnx")
