@@ -145,6 +145,8 @@ def _hub_unreachable(endpoint: str, timeout: float = 5.0) -> Optional[str]:
     from urllib.parse import urlsplit
 
     url = urlsplit(endpoint)
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # behind a proxy a direct connect proves nothing: let huggingface_hub try
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
         return None

@@ -102,6 +102,8 @@ def test_hub_name_offline_is_one_line_error(tmp_path, monkeypatch):
     constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     with pytest.raises(UserError) as e:
         load_checkpoint("hf-hub:timm/crossvit_9_240.in1k")
     message = str(e.value)
