@@ -118,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         images = open_image_set(val_dir)
         report = profile_bundles(
             bundles, images, Preprocessing(ckpt.model.config.img_size, ckpt.model.config.crop_pct), ckpt.model,
-            ProfileSettings(runs=args.runs, warmup=3, threads=2, checker_samples=args.checker_samples or None),
+            ProfileSettings(runs=args.runs, warmup=3, threads=2, checker_samples=args.checker_samples),
         )
         write_json(args.output / "report.json", report)
         md = markdown_report(report)

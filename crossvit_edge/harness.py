@@ -84,6 +84,11 @@ class ProfileSettings:
     # when set; agreement, cosine and KL are then against the fp32 logits of the same images.
     checker_samples: Optional[int] = None
 
+    def __post_init__(self):
+        # 0 / None: every image. Checked here so that every front end (profile, demo) refuses the same way.
+        if self.checker_samples is not None and self.checker_samples < 0:
+            raise UserError(f"checker samples {self.checker_samples}: give a positive number of images (0: all)")
+
 
 @dataclass
 class Row:
@@ -153,23 +158,28 @@ def profile_bundles(
             memory_bytes=None,
         )
     ]
+    every = np.arange(len(x))
+    sampled = every
+    if settings.checker_samples and settings.checker_samples < len(x):
+        sampled = _sample_indices(images, settings.checker_samples)
     for bundle in bundles:
         manifest = read_manifest(bundle)
         before = rss_bytes()
         runner, notes = _open_runner(bundle, manifest, settings.threads)
+        stand_in = bool(notes)  # the bundle's own artifact cannot run here: no latency from this host
+        checker = not getattr(runner, "timing_meaningful", True)
         try:
-            idx = np.arange(len(x))
-            if not getattr(runner, "timing_meaningful", True) and settings.checker_samples and settings.checker_samples < len(x):
-                idx = _sample_indices(images, settings.checker_samples)
+            idx = sampled if checker else every
+            if len(idx) < len(x):
                 notes.append(f"accuracy on a class-balanced sample of {len(idx)} of the {len(x)} images (checker_samples)")
             logits = run_batched(runner, x[idx])
             accuracy = compare_logits(logits, ref_logits[idx], labels[idx] if labels is not None else None)
             latency = None
-            if getattr(runner, "timing_meaningful", True) and not notes:
+            if not checker and not stand_in:
                 b = runner.batch_size
                 batch = x[:b] if len(x) >= b else np.repeat(x[:1], b, 0)
                 latency = time_runner(runner, batch, settings)
-            elif not notes:
+            elif not stand_in:
                 notes.append(f"latency not measured: {runner.description} is a numerical checker, not the device runtime")
             memory = runner.memory_bytes() or max(rss_bytes() - before, 0)
             rows.append(

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reference-device", default="cpu", help="cpu or cuda for the fp32 PyTorch reference")
     p.add_argument("--checker-samples", type=int, help="score numerical checkers (the Core ML checker off macOS) on a "
-                   "class-balanced sample of this many images; the real runtimes still run every image")
+                   "class-balanced sample of this many images (0: all); the real runtimes still run every image")
     p.add_argument("--merge", type=Path, action="append", default=[], help="results JSON from the device-side TensorRT runner")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -46,8 +46,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .harness import ProfileSettings, markdown_report, plot_report, profile_bundles
         from .preprocess import Preprocessing
 
-        if args.checker_samples is not None and args.checker_samples < 1:
-            raise UserError(f"--checker-samples {args.checker_samples}: give a positive number of images")
+        settings = ProfileSettings(warmup=args.warmup, runs=args.runs, threads=args.threads, reference_device=args.reference_device,
+                                   checker_samples=args.checker_samples)
         if not args.bundles and not args.merge:
             raise UserError("nothing to profile: give bundle folders and/or --merge results files")
         manifests = [read_manifest(b) for b in args.bundles]
@@ -69,8 +69,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                 merged.append(json.loads(Path(path).read_text()))
             except (OSError, ValueError) as e:
                 raise UserError(f"--merge {path}: unreadable results file ({e})") from None
-        settings = ProfileSettings(warmup=args.warmup, runs=args.runs, threads=args.threads, reference_device=args.reference_device,
-                                   checker_samples=args.checker_samples)
         report = profile_bundles(list(args.bundles), images, pre, ckpt.model, settings, merged)
         args.output.mkdir(parents=True, exist_ok=True)
         write_json(args.output / "report.json", report)
