@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
@@ -23,12 +25,14 @@ from tqdm import tqdm
 
 from crossvit_edge.errors import UserError
 
-from .estimators import AbsHistogram, compute_amax
+from .estimators import MAX_BINS, AbsHistogram, compute_amax
 
 log = logging.getLogger(__name__)
 
 STATS_FILE = "calibration_stats.npz"
 STATS_FORMAT = 1
+MAX_META_BYTES = 64 << 20
+MAX_CHANNELS = 1 << 20  # values in one per-channel max array
 
 
 @dataclass
@@ -66,20 +70,65 @@ class CalibrationStatistics:
 
     @classmethod
     def load(cls, path: Path) -> "CalibrationStatistics":
+        """Read a statistics file (untrusted: it may come from another machine). No pickles; the
+        metadata is bounded JSON checked key by key; every array must be a finite, non-negative
+        1-D float array. UserError naming what is wrong otherwise."""
+        from crossvit_edge.bundle import SchemaCheck, parse_json
+        from crossvit_edge.errors import brief
+
+        source = f"{brief(str(path), 200)}"
+        c = SchemaCheck(f"{source}: calibration statistics")
+
+        def array(z, key: str, where: str, max_size: int) -> np.ndarray:
+            if key not in z.files:
+                c.fail(where, f"array {key!r} is missing")
+            with z.zip.open(f"{key}.npy") as f:  # the header only: refuse a huge (zip bomb) array before reading it
+                version = np.lib.format.read_magic(f)
+                header = np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
+            if int(np.prod(header[0], dtype=np.float64)) > max_size:
+                c.fail(where, f"array of shape {header[0]} is too large (at most {max_size} values)")
+            a = z[key]
+            if a.dtype.kind not in "iuf" or a.ndim != 1 or not 1 <= a.size <= max_size:
+                c.fail(where, f"expected a non-empty 1-D numeric array, got {a.dtype} of shape {a.shape}")
+            a = a.astype(np.float64)
+            if not np.isfinite(a).all() or (a < 0).any():
+                c.fail(where, "values must be finite and non-negative")
+            return a
+
         try:
             with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(bytes(z["meta"]).decode())
+                if not hasattr(z, "files") or "meta" not in z.files:
+                    raise UserError(f"{source}: not a calibration statistics file (no metadata)")
+                raw = z["meta"]
+                if raw.dtype != np.uint8 or raw.ndim != 1 or raw.size > MAX_META_BYTES:
+                    c.fail("meta", "expected UTF-8 JSON bytes")
+                meta = parse_json(raw.tobytes(), f"{source}: calibration statistics metadata")
+                if not isinstance(meta, dict):
+                    c.fail("meta", f"expected an object, got {brief(meta)}")
                 if meta.get("format") != STATS_FORMAT:
-                    raise UserError(f"{path}: unsupported calibration statistics format {meta.get('format')}")
+                    raise UserError(f"{source}: unsupported calibration statistics format {brief(meta.get('format'))}")
+                model = c.value(meta, "model", "model", str)
+                digest = c.value(meta, "weights_sha256", "weights_sha256", str)
+                settings = c.obj(meta, "settings", "settings", required=False) or {}
                 layers = {}
-                for name, m in meta["layers"].items():
-                    layers[name] = AbsHistogram(counts=z[f"hist_{m['index']}"].astype(np.float64), width=m["width"], amax=m["amax"])
-                channels = {name: z[f"chan_{i}"] for name, i in meta.get("channels", {}).items()}
+                for name, m in c.obj(meta, "layers", "layers").items():
+                    where = f"layers[{brief(name, 80)}]"
+                    m = c.obj({"m": m}, "m", where)
+                    index = c.integer(m, "index", f"{where}.index", 0, 1 << 30)
+                    width = c.number(m.get("width"), f"{where}.width")
+                    amax = c.number(m.get("amax"), f"{where}.amax")
+                    if width <= 0 or amax < 0:
+                        c.fail(where, f"width must be positive and amax non-negative, got {width!r}, {amax!r}")
+                    layers[name] = AbsHistogram(counts=array(z, f"hist_{index}", f"{where}.counts", MAX_BINS), width=width, amax=amax)
+                channels = {}
+                for name, i in (c.obj(meta, "channels", "channels", required=False) or {}).items():
+                    index = c.integer({"i": i}, "i", f"channels[{brief(name, 80)}]", 0, 1 << 30)
+                    channels[name] = array(z, f"chan_{index}", f"channels[{brief(name, 80)}]", MAX_CHANNELS).astype(np.float32)
         except UserError:
             raise
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"{path}: not a calibration statistics file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-        return cls(meta["model"], meta["weights_sha256"], layers, channels, meta.get("settings", {}))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise UserError(f"{source}: not a calibration statistics file ({brief(str(e).splitlines()[0] if str(e) else type(e).__name__, 120)})") from None
+        return cls(model, digest, layers, channels, settings)
 
     def check_matches(self, model_name: str, weights_sha256: str, layer_names: List[str], source: str) -> None:
         if self.model != model_name:

@@ -6,7 +6,7 @@ drives every converter the same way:
 
     converter.validate(spec)                 # before any work: bad flags / missing extras fail here
     artifact = converter.convert(ctx, dir)   # writes the artifact file(s) into a temporary folder
-    runner = RunnerClass(bundle_dir)         # loads what was written, as an app would
+    runner = runner_class(artifact.kind)(bundle_dir, manifest)  # loads what was written, as an app would
     logits = runner.run(images)              # (B, 3, H, W) float32 -> (B, classes) float32
 
 and the profiling harness only ever sees ``Runner``: it never branches on the target.
@@ -33,7 +33,7 @@ class Artifact:
     """What a converter wrote into the bundle folder."""
 
     primary: str  # file (or package folder) name of the artifact, relative to the bundle
-    runner: str  # "module:Class" of the Runner that executes it
+    kind: str  # artifact kind, a key of converters.RUNNERS ("onnx", "pte", "mlpackage", "engine")
     files: List[str] = field(default_factory=list)  # other files it wrote (relative)
     manifest: Dict[str, Any] = field(default_factory=dict)  # target-specific manifest entries
     report: Dict[str, Any] = field(default_factory=dict)  # written as <target>_report.json
@@ -80,9 +80,13 @@ class Runner(ABC):
     target: ClassVar[str]
 
     def __init__(self, bundle_dir: Path, manifest: Dict[str, Any], artifact: Optional[str] = None, threads: Optional[int] = None):
+        from crossvit_edge.bundle import resolve_in_bundle
+
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
-        self.artifact_path = self.bundle_dir / (artifact or manifest["artifact"]["file"])
+        # the same check as Bundle.path: a plain relative name that stays inside the bundle
+        self.artifact_path = resolve_in_bundle(self.bundle_dir, artifact or manifest["artifact"]["file"],
+                                               "artifact.stand_in.file" if artifact else "artifact.file")
         self.threads = threads
         self.batch_size: int = int(manifest["input"]["shape"][0])
 
@@ -103,7 +107,14 @@ class Runner(ABC):
         pass
 
 
-def load_runner_class(spec: str):
-    """``"converters.onnx:OnnxRuntimeRunner"`` -> the class."""
-    module, _, name = spec.partition(":")
+def runner_class(kind: str) -> type:
+    """The Runner class for an artifact kind, from the fixed table ``converters.RUNNERS``: a
+    manifest can only pick one of its keys, never name a module."""
+    from converters import RUNNERS
+
+    if not isinstance(kind, str) or kind not in RUNNERS:
+        from crossvit_edge.errors import brief
+
+        raise UserError(f"unknown artifact kind {brief(kind)}; known: {', '.join(RUNNERS)}")
+    module, _, name = RUNNERS[kind].partition(":")
     return getattr(importlib.import_module(module), name)

@@ -4,25 +4,48 @@ A bundle is built in a temporary folder beside its destination and renamed into 
 complete, so a failed conversion never leaves a half-written bundle. The manifest records the
 inputs, preprocessing, labels, precision, calibration, quantization plan, versions and the sha256
 of every file. Torch-free: device-side tools read manifests too.
+
+A bundle is untrusted input (downloaded, copied between machines): ``open_bundle`` is the one way
+in. It reads the manifest with size and depth bounds, validates it against the one schema
+(``validate_manifest``: types, required keys, ranges; one-line errors naming the key), checks every
+path it names (``resolve_in_bundle``: a plain relative name that stays inside the bundle, symlinks
+included) and verifies the size and sha256 of every listed file before anything is loaded. Nothing
+in a manifest chooses code: the artifact ``kind`` is a key of the fixed table ``converters.RUNNERS``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Dict, Iterator, List, Optional
 
-from .errors import UserError
+from .errors import UserError, brief
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+SCHEMA_VERSION = 2  # 1 was "manifest_version" with a "module:Class" runner: no longer read
+FORMAT = "crossvit_edge bundle"
+
+# Bounds on untrusted input (documented in README "Security model").
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
+MAX_FILES = 100_000
+MAX_BATCH = 4096
+MAX_INPUT_SIZE = 4096  # pixels, side of the square model input
+MAX_RESIZE = 8192  # preprocessing's short-side resize, floor(input_size / crop_pct)
+MAX_CLASSES = 1_000_000
+MAX_NAME = 4096  # characters in a path or name from a manifest
+TARGETS = ("onnx", "tensorrt", "coreml", "executorch")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
 
 
 def sha256_file(path: Path) -> str:
@@ -53,13 +76,19 @@ def size_bytes(path: Path) -> int:
 def write_json(path: Path, data: Any) -> None:
     """Atomic JSON write (temporary file + rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"cannot write {brief(str(path), 200)}: {e.strerror or type(e).__name__}") from None
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; bundles are meant to be shared
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=_json_default)
+            # allow_nan=False: NaN/Infinity are not JSON, and a NaN in a report means something broke
+            json.dump(data, f, indent=2, sort_keys=False, default=_json_default, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
+    except ValueError as e:
+        raise UserError(f"{path.name}: refusing to write a non-finite number (NaN or infinity): {brief(str(e))}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -85,8 +114,11 @@ def staged_bundle(output: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``output`` atomically, on any error it is
     deleted and ``output`` is left as it was."""
     output = Path(output).resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.staging-"))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.staging-"))
+    except OSError as e:
+        raise UserError(f"cannot write the output {brief(str(output), 200)}: {e.strerror or type(e).__name__}") from None
     os.chmod(stage, 0o755)
     try:
         yield stage
@@ -105,10 +137,9 @@ def staged_bundle(output: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def write_manifest(bundle_dir: Path, manifest: Dict[str, Any]) -> Dict[str, Any]:
-    """Add file hashes and sizes, then write ``manifest.json``."""
+    """Add the schema version and every file's sha256 and size, then write ``manifest.json``."""
     bundle_dir = Path(bundle_dir)
-    manifest = dict(manifest)
-    manifest["manifest_version"] = MANIFEST_VERSION
+    manifest = {"schema_version": SCHEMA_VERSION, **{k: v for k, v in manifest.items() if k != "schema_version"}}
     manifest["files"] = {
         rel: {"sha256": digest, "bytes": (bundle_dir / rel).stat().st_size} for rel, digest in file_hashes(bundle_dir).items()
     }
@@ -116,26 +147,427 @@ def write_manifest(bundle_dir: Path, manifest: Dict[str, Any]) -> Dict[str, Any]
     return manifest
 
 
-def read_manifest(bundle_dir: Path, verify: bool = True) -> Dict[str, Any]:
-    bundle_dir = Path(bundle_dir)
-    path = bundle_dir / MANIFEST
-    if not path.is_file():
-        raise UserError(f"not a bundle (no {MANIFEST}): {bundle_dir}")
+# --------------------------------------------------------------------------------------------------
+# Reading untrusted JSON
+
+
+def load_json_file(path: Path, what: str, max_bytes: int = MAX_MANIFEST_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse a JSON file that came from elsewhere: a regular file of at most ``max_bytes``, UTF-8,
+    standard JSON (no NaN/Infinity), nested at most ``max_depth`` deep. UserError otherwise."""
+    path = Path(path)
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise UserError(f"{path}: unreadable manifest ({e})") from None
-    if verify:
-        verify_bundle(bundle_dir, manifest)
-    return manifest
+        if not path.is_file():
+            raise UserError(f"{what}: not found or not a file")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise UserError(f"{what}: {size} bytes, more than the {max_bytes} this tool reads")
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as e:
+        raise UserError(f"{what}: cannot read ({e.strerror or type(e).__name__})") from None
+    if len(raw) > max_bytes:
+        raise UserError(f"{what}: more than the {max_bytes} bytes this tool reads")
+    return parse_json(raw, what, max_depth)
 
 
-def verify_bundle(bundle_dir: Path, manifest: Optional[Dict[str, Any]] = None) -> None:
-    """Every file the manifest lists exists with its recorded sha256."""
-    manifest = manifest if manifest is not None else read_manifest(bundle_dir, verify=False)
-    for rel, entry in manifest.get("files", {}).items():
-        p = Path(bundle_dir) / rel
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(raw: bytes, what: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{what}: not UTF-8 text") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:  # CPython's decoder guards its recursion; deeper than the interpreter allows
+        raise UserError(f"{what}: JSON nested too deeply (more than {max_depth} levels)") from None
+    except ValueError as e:  # JSONDecodeError, NaN/Infinity, integers past Python's digit limit
+        raise UserError(f"{what}: not valid JSON ({brief(str(e), 120)})") from None
+    if json_depth(data) > max_depth:
+        raise UserError(f"{what}: JSON nested too deeply (more than {max_depth} levels)")
+    return data
+
+
+def json_depth(data: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    if not isinstance(data, (list, dict)):
+        return 0
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1) for v in children if isinstance(v, (list, dict)))
+    return deepest
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths a manifest names
+
+
+def check_relative_name(rel: Any, key: str) -> str:
+    """A manifest-named path must be a plain relative POSIX name: no absolute path, no ``..``, no
+    backslash or NUL, bounded length. (Where it points after symlinks is ``resolve_in_bundle``'s.)"""
+    if not isinstance(rel, str) or not rel:
+        raise UserError(f"{key}: expected a file name relative to the bundle, got {brief(rel)}")
+    if len(rel) > MAX_NAME:
+        raise UserError(f"{key}: path of {len(rel)} characters is too long")
+    if "\0" in rel or "\\" in rel or any(ord(c) < 32 for c in rel):
+        raise UserError(f"{key}: {brief(rel)} contains a control character or backslash")
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or re.match(r"^[A-Za-z]:", rel):
+        raise UserError(f"{key}: {brief(rel)} is an absolute path; a bundle names only files inside itself")
+    if any(part in ("..", ".") for part in rel.split("/")) or "" in rel.split("/"):
+        raise UserError(f"{key}: {brief(rel)} is not a plain relative name (no '..', '.' or empty parts)")
+    return rel
+
+
+def resolve_in_bundle(root: Path, rel: Any, key: str) -> Path:
+    """``root / rel`` after the checks of ``check_relative_name``, resolved through any symlinks and
+    required to stay inside ``root``. It need not exist yet (a file the device runner will write)."""
+    check_relative_name(rel, key)
+    base = Path(root).resolve()
+    try:
+        target = (base / rel).resolve()
+    except (OSError, RuntimeError) as e:  # symlink loops
+        raise UserError(f"{key}: {brief(rel)} cannot be resolved ({brief(str(e), 80)})") from None
+    if target != base and base not in target.parents:
+        raise UserError(f"{key}: {brief(rel)} leads outside the bundle (through a symlink)")
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# The manifest schema
+
+
+class SchemaCheck:
+    """Typed access to one manifest with errors that name the key (``input.shape[0]``)."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, key: str, message: str):
+        raise UserError(f"{self.source}: {key}: {message}")
+
+    def obj(self, parent: Dict[str, Any], key: str, where: str, required: bool = True, allowed=None) -> Optional[Dict[str, Any]]:
+        value = parent.get(key)
+        if value is None and not required:
+            return None
+        if not isinstance(value, dict):
+            self.fail(where, "missing" if key not in parent else f"expected an object, got {brief(value)}")
+        if allowed is not None:
+            unknown = [k for k in value if k not in allowed]
+            if unknown:
+                self.fail(f"{where}.{brief(unknown[0], 40).strip(chr(39))}", f"unknown key; known: {', '.join(allowed)}")
+        return value
+
+    def value(self, parent: Dict[str, Any], key: str, where: str, types, required: bool = True):
+        if key not in parent or parent[key] is None:
+            if required:
+                self.fail(where, "missing")
+            return None
+        value = parent[key]
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            self.fail(where, f"expected {_type_names(types)}, got {brief(value)}")
+        if not isinstance(value, types):
+            self.fail(where, f"expected {_type_names(types)}, got {brief(value)}")
+        if isinstance(value, str) and len(value) > MAX_NAME:
+            self.fail(where, f"string of {len(value)} characters is too long")
+        return value
+
+    def choice(self, parent, key, where, choices, required=True):
+        value = self.value(parent, key, where, str, required)
+        if value is not None and value not in choices:
+            self.fail(where, f"expected one of {', '.join(choices)}, got {brief(value)}")
+        return value
+
+    def integer(self, parent, key, where, lo, hi, required=True):
+        value = self.value(parent, key, where, int, required)
+        if value is not None and not lo <= value <= hi:
+            self.fail(where, f"expected an integer in [{lo}, {hi}], got {brief(value)}")
+        return value
+
+    def number(self, value, where) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(where, f"expected a number, got {brief(value)}")
+        try:
+            x = float(value)
+        except OverflowError:
+            x = math.inf
+        if not math.isfinite(x):
+            self.fail(where, f"expected a finite number, got {brief(value)}")
+        return x
+
+    def path(self, parent, key, where, required=True):
+        value = parent.get(key)
+        if value is None and not required:
+            return None
+        try:
+            return check_relative_name(value, where)
+        except UserError as e:
+            raise UserError(f"{self.source}: {e}") from None
+
+
+def _show(values: list) -> str:
+    """A short list of small numbers as it is, anything else by ``brief``."""
+    small = len(values) <= 6 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e12 for v in values)
+    return str(values) if small else brief(values)
+
+
+def _type_names(types) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list", dict: "an object"}
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def validate_preprocessing(data: Any, source: str, where: str = "preprocessing", input_size: Optional[int] = None) -> Dict[str, Any]:
+    """The preprocessing block of a manifest (also what ``Preprocessing.from_dict`` accepts)."""
+    c = SchemaCheck(source)
+    keys = ("input_size", "crop_pct", "interpolation", "mean", "std", "channel_order", "layout", "resize_short_side")
+    pre = c.obj({"p": data}, "p", where, allowed=keys)
+    size = c.integer(pre, "input_size", f"{where}.input_size", 1, MAX_INPUT_SIZE)
+    if input_size is not None and size != input_size:
+        c.fail(f"{where}.input_size", f"{size} differs from the model input's {input_size}")
+    crop = c.number(pre.get("crop_pct"), f"{where}.crop_pct") if "crop_pct" in pre else c.fail(f"{where}.crop_pct", "missing")
+    if not 0.0 < crop <= 1.0:
+        c.fail(f"{where}.crop_pct", f"expected a number in (0, 1], got {brief(pre['crop_pct'])}")
+    if math.floor(size / crop) > MAX_RESIZE:
+        c.fail(f"{where}.crop_pct", f"{crop!r} resizes to {math.floor(size / crop)} pixels, more than {MAX_RESIZE}")
+    c.choice(pre, "interpolation", f"{where}.interpolation", ("bicubic",), required=False)
+    c.choice(pre, "channel_order", f"{where}.channel_order", ("RGB",), required=False)
+    c.choice(pre, "layout", f"{where}.layout", ("NCHW",), required=False)
+    for key in ("mean", "std"):
+        values = c.value(pre, key, f"{where}.{key}", list)
+        if len(values) != 3:
+            c.fail(f"{where}.{key}", f"expected 3 numbers (R, G, B), got {brief(values)}")
+        numbers = [c.number(v, f"{where}.{key}[{i}]") for i, v in enumerate(values)]
+        if key == "std" and any(v <= 0 for v in numbers):
+            c.fail(f"{where}.std", f"every channel's std must be positive (dividing by it), got {numbers}")
+        if key == "mean" and any(abs(v) > 1e6 for v in numbers):
+            c.fail(f"{where}.mean", f"out of range: {numbers}")
+    if pre.get("resize_short_side") is not None:
+        resize = c.integer(pre, "resize_short_side", f"{where}.resize_short_side", 1, MAX_RESIZE)
+        if resize != math.floor(size / crop):
+            c.fail(f"{where}.resize_short_side", f"{resize} is not floor(input_size / crop_pct) = {math.floor(size / crop)}")
+    return pre
+
+
+def validate_manifest(data: Any, source: str = MANIFEST) -> Dict[str, Any]:
+    """Check a parsed manifest against the schema; return it unchanged. One-line UserError naming
+    the key otherwise. Keys outside the schema (build record, calibration, plan, versions, checks)
+    are informational and never used to find code or files."""
+    from converters import ARTIFACT_KINDS, RUNNERS
+
+    c = SchemaCheck(source)
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a JSON object at the top level, got {brief(data)}")
+    if "schema_version" not in data and "manifest_version" in data:
+        c.fail("schema_version", "missing: this bundle was written by an older crossvit_edge (manifest_version); rebuild it")
+    version = c.value(data, "schema_version", "schema_version", int)
+    if version != SCHEMA_VERSION:
+        c.fail("schema_version", f"{brief(version)} is not supported; this crossvit_edge reads schema_version {SCHEMA_VERSION}")
+    if data.get("format") != FORMAT:
+        c.fail("format", f"expected {FORMAT!r}, got {brief(data.get('format'))}")
+    target = c.choice(data, "target", "target", TARGETS)
+    c.choice(data, "precision", "precision", PRECISIONS)
+    c.value(data, "model", "model", str)
+    num_classes = c.integer(data, "num_classes", "num_classes", 1, MAX_CLASSES)
+    labels = c.value(data, "labels", "labels", list, required=False)
+    if labels is not None:
+        if len(labels) != num_classes:
+            c.fail("labels", f"{len(labels)} labels for num_classes {num_classes}")
+        for i, label in enumerate(labels):
+            if not isinstance(label, str) or len(label) > MAX_NAME:
+                c.fail(f"labels[{i}]", f"expected a string, got {brief(label)}")
+
+    inp = c.obj(data, "input", "input", allowed=("name", "shape", "dtype", "layout"))
+    c.value(inp, "name", "input.name", str)
+    shape = c.value(inp, "shape", "input.shape", list)
+    if len(shape) != 4:
+        c.fail("input.shape", f"expected [batch, 3, size, size], got {_show(shape)}")
+    batch = c.integer({"v": shape[0]}, "v", "input.shape[0]", 1, MAX_BATCH)
+    c.integer({"v": shape[1]}, "v", "input.shape[1]", 3, 3)
+    size = c.integer({"v": shape[2]}, "v", "input.shape[2]", 1, MAX_INPUT_SIZE)
+    c.integer({"v": shape[3]}, "v", "input.shape[3]", size, size)
+    c.choice(inp, "dtype", "input.dtype", ("float32",))
+    c.choice(inp, "layout", "input.layout", ("NCHW",), required=False)
+    out = c.obj(data, "output", "output", allowed=("name", "shape", "dtype"))
+    c.value(out, "name", "output.name", str)
+    out_shape = c.value(out, "shape", "output.shape", list)
+    if out_shape != [batch, num_classes]:
+        c.fail("output.shape", f"expected [{batch}, {num_classes}] (batch, num_classes), got {_show(out_shape)}")
+    c.choice(out, "dtype", "output.dtype", ("float32",))
+    validate_preprocessing(data.get("preprocessing"), source, input_size=size)
+
+    art = c.obj(data, "artifact", "artifact", allowed=("file", "kind", "bytes", "stand_in"))
+    c.path(art, "file", "artifact.file")
+    kind = c.choice(art, "kind", "artifact.kind", tuple(RUNNERS))
+    if kind != ARTIFACT_KINDS[target]:
+        c.fail("artifact.kind", f"a {target} bundle's artifact is of kind {ARTIFACT_KINDS[target]!r}, got {kind!r}")
+    c.integer(art, "bytes", "artifact.bytes", 0, 1 << 50)
+    stand_in = c.obj(art, "stand_in", "artifact.stand_in", required=False, allowed=("file", "kind"))
+    if stand_in is not None:
+        c.path(stand_in, "file", "artifact.stand_in.file")
+        c.choice(stand_in, "kind", "artifact.stand_in.kind", tuple(RUNNERS))
+
+    files = c.obj(data, "files", "files")
+    if len(files) > MAX_FILES:
+        c.fail("files", f"{len(files)} entries, more than {MAX_FILES}")
+    for rel, entry in files.items():
+        where = f"files[{brief(rel, 80)}]"
+        c.path({"f": rel}, "f", where)
+        entry = c.obj({"e": entry}, "e", where, allowed=("sha256", "bytes"))
+        digest = c.value(entry, "sha256", f"{where}.sha256", str)
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            c.fail(f"{where}.sha256", f"expected 64 lowercase hex digits, got {brief(digest)}")
+        c.integer(entry, "bytes", f"{where}.bytes", 0, 1 << 50)
+    for key, rel in [("artifact.file", art["file"])] + ([("artifact.stand_in.file", stand_in["file"])] if stand_in else []):
+        if rel not in files and not any(f.startswith(rel.rstrip("/") + "/") for f in files):
+            c.fail(key, f"{brief(rel)} is not listed in 'files' (with its sha256 and size), so it cannot be verified")
+
+    checkpoint = c.obj(data, "checkpoint", "checkpoint")
+    c.value(checkpoint, "source", "checkpoint.source", str)
+    notes = c.value(data, "notes", "notes", list, required=False)
+    for i, note in enumerate(notes or []):
+        c.value({"n": note}, "n", f"notes[{i}]", str)
+
+    # target sections: every path-valued key is a plain relative name, every choice from a closed list
+    trt = c.obj(data, "tensorrt", "tensorrt", required=False)
+    if trt is not None:
+        for key in ("onnx", "engine", "layer_info", "timing_cache", "calibration_cache", "build_script", "reference_onnx"):
+            c.path(trt, key, f"tensorrt.{key}", required=False)
+        named = c.obj(trt, "files", "tensorrt.files", required=False)
+        for key in named or {}:
+            c.path(named, key, f"tensorrt.files.{brief(key, 40)}", required=False)
+        dla = c.obj(trt, "dla", "tensorrt.dla", required=False, allowed=("core", "gpu_fallback"))
+        if dla is not None:
+            c.integer(dla, "core", "tensorrt.dla.core", 0, 15)
+            c.value(dla, "gpu_fallback", "tensorrt.dla.gpu_fallback", bool, required=False)
+        c.integer(trt, "workspace_mib", "tensorrt.workspace_mib", 1, 1 << 20, required=False)
+        c.choice(trt, "mode", "tensorrt.mode", ("implicit", "explicit", "strongly-typed"), required=False)
+    coreml = c.obj(data, "coreml", "coreml", required=False)
+    if coreml is not None:
+        c.choice(coreml, "compute_units", "coreml.compute_units", ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"), required=False)
+        c.value(coreml, "image_input", "coreml.image_input", bool, required=False)
+    et = c.obj(data, "executorch", "executorch", required=False)
+    if et is not None:
+        c.choice(et, "backend", "executorch.backend", ("xnnpack",), required=False)
+        for key in ("bundled_program", "etdump"):
+            c.path(et, key, f"executorch.{key}", required=False)
+    return data
+
+
+def verify_files(root: Path, manifest: Dict[str, Any], source: str) -> None:
+    """Every file the manifest lists is a regular file inside the bundle with its recorded size and
+    sha256 (size first: cheap); a package-folder artifact has no unlisted files."""
+    root = Path(root)
+    for rel, entry in manifest["files"].items():
+        where = f"files[{brief(rel, 80)}]"
+        p = resolve_in_bundle(root, rel, f"{source}: {where}")
         if not p.is_file():
-            raise UserError(f"bundle {bundle_dir}: file {rel} listed in the manifest is missing")
+            raise UserError(f"{source}: {where}: listed in the manifest but missing (or not a file)")
+        if p.stat().st_size != entry["bytes"]:
+            raise UserError(f"{source}: {where}: {p.stat().st_size} bytes, the manifest says {entry['bytes']} (modified or corrupt)")
         if sha256_file(p) != entry["sha256"]:
-            raise UserError(f"bundle {bundle_dir}: {rel} does not match its sha256 in the manifest (modified or corrupt)")
+            raise UserError(f"{source}: {where}: does not match its sha256 in the manifest (modified or corrupt)")
+    art = manifest["artifact"]
+    for key, rel in [("artifact.file", art["file"])] + ([("artifact.stand_in.file", art["stand_in"]["file"])] if art.get("stand_in") else []):
+        p = resolve_in_bundle(root, rel, f"{source}: {key}")
+        if p.is_dir():
+            for f in p.rglob("*"):
+                if f.is_symlink() or (f.is_file() and f.relative_to(root.resolve()).as_posix() not in manifest["files"]):
+                    raise UserError(f"{source}: {key}: {brief(f.relative_to(root.resolve()).as_posix())} is in the package but not listed in 'files'")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """An opened, validated and verified bundle: what every command gets."""
+
+    root: Path  # resolved folder
+    manifest: Dict[str, Any]
+
+    def path(self, rel: Any, key: str) -> Path:
+        """A manifest-named file (``key`` names it in errors): a plain relative name inside the
+        bundle, no absolute path or ``..``, no symlink out. It need not exist yet (the device runner
+        writes the engine, layer information and timing cache through this)."""
+        return resolve_in_bundle(self.root, rel, f"bundle {self.name}: {key}")
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def target(self) -> str:
+        return self.manifest["target"]
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["artifact"]["kind"]
+
+    @property
+    def artifact_path(self) -> Path:
+        return self.path(self.manifest["artifact"]["file"], "artifact.file")
+
+    @property
+    def stand_in(self) -> Optional[Dict[str, str]]:
+        return self.manifest["artifact"].get("stand_in")
+
+    @property
+    def stand_in_path(self) -> Optional[Path]:
+        return self.path(self.stand_in["file"], "artifact.stand_in.file") if self.stand_in else None
+
+    @property
+    def labels(self) -> Optional[List[str]]:
+        return self.manifest.get("labels")
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest["num_classes"]
+
+    @property
+    def batch_size(self) -> int:
+        return self.manifest["input"]["shape"][0]
+
+    @property
+    def preprocessing(self):
+        from .preprocess import Preprocessing
+
+        return Preprocessing.from_dict(self.manifest["preprocessing"])
+
+    def runner(self, stand_in: bool = False, threads: Optional[int] = None):
+        """The Runner of the artifact (or of its stand-in), from the fixed registry."""
+        from converters.base import runner_class
+
+        if stand_in:
+            return runner_class(self.stand_in["kind"])(self.root, self.manifest, artifact=self.stand_in["file"], threads=threads)
+        return runner_class(self.kind)(self.root, self.manifest, threads=threads)
+
+
+def open_bundle(path: Any) -> Bundle:
+    """Read, validate and verify a bundle folder; nothing in it is loaded or run before this
+    returns. UserError (one line) for anything wrong."""
+    given = Path(path)
+    label = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."  # the user's own argument, cut
+    try:
+        if not given.is_dir():
+            raise UserError(f"bundle {label}: not a bundle (no such folder)")
+        root = given.resolve()
+        manifest_path = root / MANIFEST
+        if manifest_path.is_symlink() or not manifest_path.is_file():
+            raise UserError(f"bundle {label}: not a bundle (no {MANIFEST} file)")
+    except OSError as e:
+        raise UserError(f"bundle {label}: cannot read ({e.strerror or type(e).__name__})") from None
+    source = f"bundle {label}: {MANIFEST}"
+    manifest = validate_manifest(load_json_file(manifest_path, source), source)
+    try:
+        verify_files(root, manifest, f"bundle {label}")
+    except OSError as e:
+        raise UserError(f"bundle {label}: cannot read its files ({e.strerror or type(e).__name__})") from None
+    return Bundle(root=root, manifest=manifest)
+
+
+def read_manifest(bundle_dir: Path) -> Dict[str, Any]:
+    """The validated, verified manifest of a bundle (``open_bundle(bundle_dir).manifest``)."""
+    return open_bundle(bundle_dir).manifest

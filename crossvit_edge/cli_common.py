@@ -1,11 +1,19 @@
-"""What both CLIs share: logging set-up and turning UserError into one line and exit code 2."""
+"""What the CLIs share: logging set-up, turning UserError into one line and exit code 2, SIGTERM
+handled like Ctrl-C, and the checks on output paths that run before any heavy import."""
 from __future__ import annotations
 
 import logging
+import math
+import shutil
+import signal
 import sys
-from typing import Callable
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
 
-from .errors import UserError
+from .errors import UserError, brief
+
+NOISY_LOGGERS = ("torch", "onnxscript", "onnx_ir", "coremltools", "executorch", "torchao", "matplotlib", "PIL")
 
 
 def setup_logging(verbose: bool) -> None:
@@ -14,23 +22,139 @@ def setup_logging(verbose: bool) -> None:
         format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
         stream=sys.stderr,
     )
-    try:
-        # torch configures its own loggers when it is imported, overriding levels set before;
-        # import it first so the levels below stick (both CLIs need torch anyway).
-        import torch  # noqa: F401
-    except ImportError:
-        pass
-    for noisy in ("torch", "onnxscript", "onnx_ir", "coremltools", "executorch", "torchao", "matplotlib", "PIL"):
+    quiet_libraries(verbose)
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Quiet the libraries' loggers. torch configures its own loggers when it is imported,
+    overriding levels set before, so the CLIs call this again once torch is in (torch is imported
+    only after the input has been validated, which keeps bad input fast to refuse)."""
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so that ``finally`` blocks (the
+    staging folder of a bundle) run. A BaseException: ``except Exception`` must not swallow it."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+# The modules of the pip extra "convert" (pyproject.toml), by import name -> distribution name.
+CONVERT_MODULES = {"torch": "torch", "safetensors": "safetensors", "onnx": "onnx", "onnxruntime": "onnxruntime",
+                   "onnxscript": "onnxscript", "yaml": "pyyaml", "matplotlib": "matplotlib", "sklearn": "scikit-learn"}
+
+
+def require_convert_extra() -> None:
+    """The conversion CLIs (convert, profile, demo) need the conversion stack, which the runtime
+    install (``pip install crossvit-edge``) leaves out: say which extra to install, in one line."""
+    import importlib.util
+
+    missing = [dist for module, dist in CONVERT_MODULES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UserError(f"this command needs the conversion extra: pip install 'crossvit-edge[convert]' (missing: {', '.join(missing)})")
+
+
 def run_cli(prog: str, body: Callable[[], int]) -> int:
-    """Run ``body``; a UserError (bad input) becomes ``prog: error: message`` and exit 2."""
+    """Run ``body``; a UserError (bad input) becomes ``prog: error: message`` and exit 2; Ctrl-C
+    exits 130 and SIGTERM 143 (128 + signal), both after cleaning up."""
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (an embedding app): leave signals alone
+        pass
     try:
         return body()
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def one_line(text: str, limit: int = 2000) -> str:
+    """An error message as one bounded line: control characters (newlines from a file name or a
+    library's message) become spaces."""
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --------------------------------------------------------------------------------------------------
+# Flag checks (before heavy imports)
+
+
+def check_int(flag: str, value: Any, lo: int, hi: Optional[int] = None) -> None:
+    """``value`` is a whole number in [lo, hi] (None: no value given, nothing to check)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f"at least {lo}"
+        raise UserError(f"{flag} must be a whole number {bound}, got {brief(value)}")
+
+
+def check_float(flag: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+    """``value`` is a finite number in the interval (NaN and infinities refused)."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise UserError(f"{flag} must be a finite number in {interval}, got {brief(value)}")
+
+
+def check_output_outside(output: Path, inputs: Dict[str, Optional[Path]], replaces_output: bool = False) -> None:
+    """Refuse an output inside an input folder (what is written there would be read back as images
+    by the next run) and, when the output is replaced as a whole, an input inside the output."""
+    out = Path(output).resolve()
+    for flag, folder in inputs.items():
+        if folder is None:
+            continue
+        src = Path(folder).resolve()
+        if out == src or src in out.parents:
+            raise UserError(f"--output {brief(str(output), 200)} is inside {flag} {brief(str(folder), 200)}: what is written there "
+                            f"would be read as images next time; choose an output outside it")
+        if replaces_output and out in src.parents:
+            raise UserError(f"{flag} {brief(str(folder), 200)} is inside --output {brief(str(output), 200)}, which would be replaced")
+
+
+def check_output_writable(output: Path) -> None:
+    """Probe, before any work, that ``output`` can be created: its nearest existing ancestor must
+    be a folder we can create entries in (tried for real: permission bits say nothing for root, and
+    nothing at all for /proc). The probe folder is removed at once."""
+    path = Path(output).absolute()
+    if path.exists() and not path.is_dir():
+        return  # an existing file: the overwrite rules decide
+    ancestor = path if path.exists() else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"--output {brief(str(output), 200)}: {brief(str(ancestor), 200)} is a file, not a folder")
+    try:
+        probe = tempfile.mkdtemp(dir=ancestor, prefix=".crossvit_edge-probe-")
+    except OSError as e:
+        raise UserError(f"--output {brief(str(output), 200)}: cannot write in {brief(str(ancestor), 200)} ({e.strerror or type(e).__name__})") from None
+    shutil.rmtree(probe, ignore_errors=True)
+
+
+def make_output_dir(output: Path) -> Path:
+    """Create the output folder (and its parents); OSError becomes a one-line UserError."""
+    path = Path(output)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"--output {brief(str(output), 200)} exists and is not a folder") from None
+    except OSError as e:
+        raise UserError(f"--output {brief(str(output), 200)}: cannot create it ({e.strerror or type(e).__name__})") from None
+    return path
+

@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .cli_common import run_cli, setup_logging
+from .cli_common import quiet_libraries, require_convert_extra, run_cli, setup_logging
 from .device_profiles import list_profiles, load_profile
 from .spec import CALIBRATION_METHODS, DEMO_CHECKPOINT, BuildSpec, CalibrationSettings
 
 PROG = "crossvit_edge.convert"
 TARGETS = ("onnx", "tensorrt", "coreml", "executorch")
 PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
+CHECK_FAILED_EXIT = 3  # --fail-on-check and the check failed (2 is bad input)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-drop", type=float, help="return the most sensitive layers to float until top-1 drops at most this many points")
     p.add_argument("--eval-data", type=Path, help="held-out images for the accuracy check and --max-drop")
     p.add_argument("--eval-samples", type=int, default=200)
+    p.add_argument("--fail-on-check", action="store_true",
+                   help=f"exit {CHECK_FAILED_EXIT} when the post-conversion check against fp32 falls below its thresholds "
+                        "(the bundle is kept, marked failed in its manifest, for inspection)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the profile's, else 17)")
     p.add_argument("--require-engine", action="store_true", help="tensorrt: fail unless the engine could be built here")
     p.add_argument("--image-input", action="store_true", help="coreml: take an image input with normalisation folded in")
@@ -59,7 +63,7 @@ def spec_from_args(args: argparse.Namespace) -> BuildSpec:
         options["require_engine"] = True
     if args.image_input:
         options["image_input"] = True
-    if args.bundled_inputs:
+    if args.bundled_inputs:  # 0 is the default (none); a negative count is refused by BuildSpec.validate
         options["bundled_inputs"] = args.bundled_inputs
     if args.etdump:
         options["etdump"] = True
@@ -69,7 +73,8 @@ def spec_from_args(args: argparse.Namespace) -> BuildSpec:
         precision=args.precision or (profile.precision if profile and profile.precision else "fp32"),
         checkpoint=args.checkpoint,
         model=args.model,
-        batch_size=args.batch_size or (profile.batch_size if profile else 1),
+        # "is not None": --batch-size 0 must be refused, not replaced by the default
+        batch_size=args.batch_size if args.batch_size is not None else (profile.batch_size if profile else 1),
         profile=profile,
         calibration=CalibrationSettings(
             data=args.calib_data,
@@ -94,9 +99,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> int:
+        require_convert_extra()
+        spec = spec_from_args(args)
+        spec.validate()  # every flag and profile value, and the output, before torch is imported
+
         from .pipeline import convert
 
-        manifest = convert(spec_from_args(args))
+        quiet_libraries(args.verbose)
+        manifest = convert(spec)
         check = manifest.get("accuracy_check", {})
         summary = {
             "bundle": str(Path(args.output)),
@@ -107,6 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for key in ("top1", "reference_top1", "top1_agreement", "cosine", "max_abs_diff", "images", "images_source"):
             if key in check:
                 summary[key] = check[key]
+        summary["check"] = "skipped" if "skipped" in check else ("passed" if check.get("passed") else "FAILED")
         for note in manifest.get("notes", []):
             print(note)
         plan = manifest.get("quantization_plan") or {}
@@ -120,6 +131,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             for r in mixed["returned_to_float"]:
                 print(f"  kept float: {r['layer']} (sensitivity KL {r['sensitivity_kl']:.2e}, +{r['gain_points']:.2f} points)")
         print(json.dumps(summary))
+        for warning in check.get("warnings", []):  # again after the summary, where a CI log ends
+            print(f"{PROG}: WARNING: {warning}", file=sys.stderr)
+        if args.fail_on_check and check.get("passed") is False:
+            print(f"{PROG}: error: the post-conversion check failed (--fail-on-check); the bundle is kept at "
+                  f"{args.output} for inspection, marked \"passed\": false in its manifest", file=sys.stderr)
+            return CHECK_FAILED_EXIT
         return 0
 
     return run_cli(PROG, body)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import UserError
-from .preprocess import Preprocessing, load_image
+from .errors import UserError, brief
+from .preprocess import Preprocessing, load_image, open_image
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,12 @@ class ImageSet:
     labels: Optional[List[int]] = None
     classes: Optional[List[str]] = None
     skipped: List[Path] = field(default_factory=list)
+    source_paths: Optional[List[Path]] = None  # every usable image of the folder, when this is a sample
+
+    @property
+    def population(self) -> List[Path]:
+        """Every usable image of the folder (``paths`` unless this set is a sample of it)."""
+        return self.source_paths if self.source_paths is not None else self.paths
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -46,7 +53,7 @@ class ImageSet:
         """Content hash of the set: relative paths, labels and file bytes, in order."""
         h = hashlib.sha256()
         for i, p in enumerate(self.paths):
-            h.update(str(p.relative_to(self.root)).encode())
+            h.update(os.fsencode(p.relative_to(self.root)))  # the name's bytes, UTF-8 or not
             h.update(b"\0" + (str(self.labels[i]) if self.labels else "-").encode() + b"\0")
             h.update(p.read_bytes())
         return h.hexdigest()
@@ -58,7 +65,32 @@ class ImageSet:
             labels=[self.labels[i] for i in indices] if self.labels is not None else None,
             classes=self.classes,
             skipped=self.skipped,
+            source_paths=self.population,
         )
+
+    def with_class_names(self, labels: Optional[Sequence[str]], num_classes: int, override_flag: str) -> "ImageSet":
+        """Labels re-indexed to a model's class list by folder name: folder ``cat`` gets the index
+        of ``"cat"`` in ``labels``, whatever the folder's position in sorted order (a folder of a
+        subset of the classes would otherwise shift every label). A folder name that is not one of
+        the labels is an error naming ``override_flag``; with ``labels=None`` (the model has no
+        names, or the flag was given) the sorted-folder order is kept."""
+        if self.classes is None:
+            return self
+        if labels is None:
+            if len(self.classes) > num_classes:
+                raise UserError(f"{self.root}: {len(self.classes)} class folders, but the model has {num_classes} classes")
+            return self
+        position = {name: i for i, name in enumerate(labels)}
+        unknown = [c for c in self.classes if c not in position]
+        if unknown:
+            raise UserError(
+                f"{self.root}: class folder {brief(unknown[0], 80)} is not one of the model's {len(labels)} labels "
+                f"({len(unknown)} of {len(self.classes)} folders differ); rename the folders to the labels, or pass "
+                f"{override_flag} to score by sorted folder order"
+            )
+        remap = [position[c] for c in self.classes]
+        return ImageSet(root=self.root, paths=self.paths, labels=[remap[y] for y in self.labels], classes=list(labels),
+                        skipped=self.skipped, source_paths=self.source_paths)
 
     def sample(self, n: Optional[int], seed: int = 0) -> "ImageSet":
         """``n`` images chosen deterministically from ``seed``; class-balanced (round robin over
@@ -102,8 +134,10 @@ def _is_image_file(p: Path) -> bool:
 
 
 def _decodable(p: Path) -> bool:
+    """True for a decodable image; UserError for one over the size limits (refused, not skipped:
+    a decompression bomb in a calibration folder is something to know about)."""
     try:
-        with Image.open(p) as im:
+        with open_image(p) as im:
             im.verify()
         load_image(p)  # verify() misses truncated pixel data
         return True
@@ -129,6 +163,8 @@ def open_image_set(root, *, require_labels: bool = False, check_decodable: bool 
         labels = []
         for y, d in enumerate(class_dirs):
             files = sorted(p for p in d.rglob("*") if _is_image_file(p))
+            if not files:
+                raise UserError(f"{root}: class folder {brief(d.name, 80)} holds no images (an empty class would shift every label after it); remove it or add images")
             paths += files
             labels += [y] * len(files)
     else:
@@ -143,7 +179,12 @@ def open_image_set(root, *, require_labels: bool = False, check_decodable: bool 
             labels = [y for y, k in zip(labels, keep) if k]
         paths = [p for p, k in zip(paths, keep) if k]
     if skipped:
-        log.warning("%s: skipped %d file(s) that are not decodable images (first: %s)", root, len(skipped), skipped[0].name)
+        log.warning("%s: skipped %d file(s) that are not decodable images (first: %s)", root, len(skipped), brief(skipped[0].name, 120))
+    if labels is not None and classes is not None:
+        present = set(labels)
+        emptied = [c for y, c in enumerate(classes) if y not in present]
+        if emptied:
+            raise UserError(f"{root}: class folder {brief(emptied[0], 80)} holds no decodable images (an empty class would shift every label after it)")
     if not paths:
         raise UserError(f"no decodable images in {root}")
     return ImageSet(root=root, paths=paths, labels=labels, classes=classes, skipped=skipped)

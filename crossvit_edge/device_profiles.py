@@ -17,24 +17,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import yaml
-
-from .errors import UserError
+from .errors import UserError, brief
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+MAX_PROFILE_BYTES = 1 << 20
+MAX_BATCH = 4096
+OPSETS = (13, 23)  # ONNX opsets the converters accept (per-channel Q/DQ needs 13)
+_MAX_TEXT = 1000
 
-# key -> (type(s), allowed values or None); every section key is optional.
+# key -> (type(s), allowed values, or an inclusive (lo, hi) range for numbers, or None); every
+# section key is optional.
 _SECTION_SCHEMA: Dict[str, Dict[str, tuple]] = {
-    "onnx": {"opset": (int, None)},
+    "onnx": {
+        "opset": (int, OPSETS),
+        # which int8 graph (converters/onnx.py INT8_FORMS; docs/cpu_int8.md)
+        "int8_form": (str, ("tensorrt", "ort-cpu", "ort-cpu-dynamic")),
+        "activation_dtype": (str, ("uint8", "int8")),
+        "ort_fusions": (bool, None),  # ONNX Runtime contrib-op fusions (GELU) for ORT-only graphs
+    },
     "tensorrt": {
         "version": (str, None),
         "jetpack": (str, None),
         "device": (str, None),
-        "dla_core": ((int, type(None)), None),
+        "dla_core": ((int, type(None)), (0, 15)),
         "gpu_fallback": (bool, None),
-        "workspace_mib": (int, None),
+        "workspace_mib": (int, (1, 1 << 20)),
         "mode": (str, ("implicit", "explicit", "strongly-typed")),
-        "opset": (int, None),
+        "opset": (int, OPSETS),
         "sm": (str, None),
     },
     "coreml": {
@@ -43,15 +52,15 @@ _SECTION_SCHEMA: Dict[str, Dict[str, tuple]] = {
         "image_input": (bool, None),
         "device": (str, None),
     },
-    "executorch": {"backend": (str, ("xnnpack",)), "device": (str, None), "etdump": (bool, None), "bundled_inputs": (int, None)},
+    "executorch": {"backend": (str, ("xnnpack",)), "device": (str, None), "etdump": (bool, None), "bundled_inputs": (int, (0, 1000))},
 }
 _TOP_SCHEMA = {
-    "name": str,
-    "target": str,
-    "description": str,
-    "batch_size": int,
-    "precision": str,
-    "threads": int,
+    "name": (str, None),
+    "target": (str, None),
+    "description": (str, None),
+    "batch_size": (int, (1, MAX_BATCH)),
+    "precision": (str, ("fp32", "fp16", "int8", "int8-weights")),
+    "threads": (int, (1, 1024)),
 }
 TARGETS = ("onnx", "tensorrt", "coreml", "executorch")
 
@@ -88,38 +97,52 @@ def _check_type(where: str, value: Any, types) -> None:
         raise UserError(f"{where}: expected a number, got {value!r}")
     if not isinstance(value, types):
         names = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
-        raise UserError(f"{where}: expected {names}, got {value!r}")
+        raise UserError(f"{where}: expected {names}, got {brief(value)}")
+    if isinstance(value, str) and len(value) > _MAX_TEXT:
+        raise UserError(f"{where}: string of {len(value)} characters is too long")
+
+
+def _check_allowed(where: str, value: Any, allowed) -> None:
+    """``allowed``: None, a tuple of strings (closed list) or an inclusive (lo, hi) number range."""
+    if allowed is None or value is None:
+        return
+    if isinstance(allowed[0], str):
+        if value not in allowed:
+            raise UserError(f"{where} must be one of {', '.join(allowed)}, got {brief(value)}")
+    elif not allowed[0] <= value <= allowed[1]:
+        raise UserError(f"{where} must be in [{allowed[0]}, {allowed[1]}], got {brief(value)}")
 
 
 def parse_profile(data: Any, source: str) -> DeviceProfile:
+    """A profile from parsed YAML (untrusted): every key known, typed and range-checked; errors
+    name the key and never echo an unbounded value."""
     if not isinstance(data, dict):
-        raise UserError(f"profile {source}: expected a mapping at the top level")
+        raise UserError(f"profile {source}: expected a mapping at the top level, got {brief(data)}")
     for key in ("name", "target"):
         if key not in data:
             raise UserError(f"profile {source}: missing required key {key!r}")
     target = data["target"]
-    if target not in TARGETS:
-        raise UserError(f"profile {source}: unknown target {target!r}; one of {', '.join(TARGETS)}")
+    if not isinstance(target, str) or target not in TARGETS:
+        raise UserError(f"profile {source}: unknown target {brief(target)}; one of {', '.join(TARGETS)}")
     for key, value in data.items():
         if key in _TOP_SCHEMA:
-            _check_type(f"profile {source}: {key}", value, _TOP_SCHEMA[key])
+            types, allowed = _TOP_SCHEMA[key]
+            _check_type(f"profile {source}: {key}", value, types)
+            _check_allowed(f"profile {source}: {key}", value, allowed)
         elif key in _SECTION_SCHEMA:
             if key != target:
                 raise UserError(f"profile {source}: section {key!r} does not belong in a {target} profile")
             if not isinstance(value, dict):
-                raise UserError(f"profile {source}: {key} must be a mapping")
+                raise UserError(f"profile {source}: {key} must be a mapping, got {brief(value)}")
             schema = _SECTION_SCHEMA[key]
             for k, v in value.items():
                 if k not in schema:
-                    raise UserError(f"profile {source}: unknown key {key}.{k}; known: {', '.join(sorted(schema))}")
+                    raise UserError(f"profile {source}: unknown key {key}.{brief(k, 40).strip(chr(39))}; known: {', '.join(sorted(schema))}")
                 types, allowed = schema[k]
                 _check_type(f"profile {source}: {key}.{k}", v, types)
-                if allowed and v not in allowed:
-                    raise UserError(f"profile {source}: {key}.{k} must be one of {', '.join(allowed)}, got {v!r}")
+                _check_allowed(f"profile {source}: {key}.{k}", v, allowed)
         else:
-            raise UserError(f"profile {source}: unknown key {key!r}")
-    if data.get("batch_size", 1) < 1:
-        raise UserError(f"profile {source}: batch_size must be at least 1")
+            raise UserError(f"profile {source}: unknown key {brief(key, 40)}")
     return DeviceProfile(
         name=data["name"],
         target=target,
@@ -140,7 +163,19 @@ def load_profile(name_or_path: str) -> DeviceProfile:
         if not path.is_file():
             raise UserError(f"unknown profile {name_or_path!r}; known: {', '.join(list_profiles())} (or a path to a .yaml)")
     try:
-        data = yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_PROFILE_BYTES:
+            raise UserError(f"profile {path}: larger than {MAX_PROFILE_BYTES} bytes")
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UserError(f"profile {path}: cannot read ({e.strerror or type(e).__name__})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"profile {path}: not UTF-8 text") from None
+    import yaml  # here, not at the top: the torch-free runtime install has no PyYAML (the 'convert' extra)
+
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise UserError(f"profile {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"profile {path}: not valid YAML ({brief(str(e).splitlines()[0] if str(e) else type(e).__name__, 200)})") from None
+    except RecursionError:
+        raise UserError(f"profile {path}: YAML nested too deeply") from None
     return parse_profile(data, str(path))

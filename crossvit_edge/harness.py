@@ -8,21 +8,22 @@ the device-side runner writes (``--merge``).
 """
 from __future__ import annotations
 
+import html
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from tqdm import tqdm
 
-from .bundle import read_manifest
+from .bundle import TARGETS, Bundle, SchemaCheck, check_relative_name, load_json_file, open_bundle
 from .data import ImageSet
-from .errors import UserError
+from .errors import UserError, brief
 from .metrics import compare_logits, latency_summary
-from .pipeline import run_batched
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,26 @@ class ProfileSettings:
     checker_samples: Optional[int] = None
 
     def __post_init__(self):
-        # 0 / None: every image. Checked here so that every front end (profile, demo) refuses the same way.
-        if self.checker_samples is not None and self.checker_samples < 0:
-            raise UserError(f"checker samples {self.checker_samples}: give a positive number of images (0: all)")
+        # Checked here so that every front end (profile, demo) refuses the same way, before any work.
+        _check_int("runs", self.runs, 1, MAX_RUNS)
+        _check_int("warmup", self.warmup, 0, MAX_RUNS)
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1, MAX_THREADS)
+        if not isinstance(self.reference_device, str) or not re.fullmatch(r"cpu|cuda(:[0-9]{1,2})?", self.reference_device):
+            raise UserError(f"reference device {brief(self.reference_device)}: use cpu, cuda or cuda:N")
+        # 0 / None: every image.
+        if self.checker_samples is not None and (isinstance(self.checker_samples, bool) or not isinstance(self.checker_samples, int)
+                                                 or self.checker_samples < 0):
+            raise UserError(f"checker samples {brief(self.checker_samples)}: give a positive number of images (0: all)")
+
+
+MAX_RUNS = 1_000_000
+MAX_THREADS = 1024
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise UserError(f"{name} {brief(value)}: expected a whole number in [{lo}, {hi}]")
 
 
 @dataclass
@@ -117,35 +135,42 @@ def time_runner(runner, batch: np.ndarray, settings: ProfileSettings) -> Dict[st
     return latency_summary(times, len(batch))
 
 
-def _open_runner(bundle: Path, manifest: Dict[str, Any], threads: Optional[int]):
-    """The bundle's own runner, or its runnable stand-in with a note saying so."""
-    from converters.base import load_runner_class
-
-    artifact = manifest["artifact"]
+def _open_runner(bundle: Bundle, threads: Optional[int]):
+    """The bundle's own runner, or its runnable stand-in with a note saying so. The runner class
+    comes from the fixed registry by the artifact's kind (``Bundle.runner``), never from the data."""
     try:
-        return load_runner_class(artifact["runner"])(bundle, manifest, threads=threads), []
+        return bundle.runner(threads=threads), []
     except UserError as e:
-        stand_in = artifact.get("stand_in")
+        stand_in = bundle.stand_in
         if not stand_in:
             raise
-        runner = load_runner_class(stand_in["runner"])(bundle, manifest, artifact=stand_in["file"], threads=threads)
-        return runner, [f"{artifact['file']} cannot run here ({e}); accuracy measured on {stand_in['file']} with {runner.description}; latency only from the device (--merge)"]
+        runner = bundle.runner(stand_in=True, threads=threads)
+        return runner, [f"{bundle.manifest['artifact']['file']} cannot run here ({e}); accuracy measured on {stand_in['file']} with "
+                        f"{runner.description}; latency only from the device (--merge)"]
 
 
 def profile_bundles(
-    bundles: List[Path],
+    bundles: Sequence[Union[Path, Bundle]],
     images: ImageSet,
     preprocessing,
     reference_model,
     settings: ProfileSettings,
     merged: Optional[List[Dict[str, Any]]] = None,
 ) -> Dict[str, Any]:
+    from .pipeline import run_batched  # torch: imported only when profiling starts
+
+    bundles = [b if isinstance(b, Bundle) else open_bundle(b) for b in bundles]
+    merged = [validate_results(r, f"results file {i + 1}") for i, r in enumerate(merged or [])]
+    for r in merged:
+        check_results_images(r, images, f"results of {brief(r.get('bundle') or 'device', 80)}")
     x = images.load(preprocessing).astype(np.float32)
     labels = np.asarray(images.labels) if images.has_labels else None
-    batch_size = max(read_manifest(b, verify=False)["input"]["shape"][0] for b in bundles) if bundles else 1
+    batch_size = max(b.batch_size for b in bundles) if bundles else 1
 
     reference = TorchReferenceRunner(reference_model, batch_size, settings.reference_device, settings.threads)
     ref_logits = run_batched(reference, x)
+    if not np.isfinite(ref_logits).all():
+        raise UserError("the fp32 reference produced NaN or infinite logits: the checkpoint is broken")
     rows = [
         Row(
             name="fp32 reference",
@@ -163,9 +188,9 @@ def profile_bundles(
     if settings.checker_samples and settings.checker_samples < len(x):
         sampled = _sample_indices(images, settings.checker_samples)
     for bundle in bundles:
-        manifest = read_manifest(bundle)
+        manifest = bundle.manifest
         before = rss_bytes()
-        runner, notes = _open_runner(bundle, manifest, settings.threads)
+        runner, notes = _open_runner(bundle, settings.threads)
         stand_in = bool(notes)  # the bundle's own artifact cannot run here: no latency from this host
         checker = not getattr(runner, "timing_meaningful", True)
         try:
@@ -173,7 +198,12 @@ def profile_bundles(
             if len(idx) < len(x):
                 notes.append(f"accuracy on a class-balanced sample of {len(idx)} of the {len(x)} images (checker_samples)")
             logits = run_batched(runner, x[idx])
-            accuracy = compare_logits(logits, ref_logits[idx], labels[idx] if labels is not None else None)
+            bad = int((~np.isfinite(logits).all(axis=1)).sum()) if logits.size else 0
+            if bad:  # a broken artifact: NaN would read as "100% agreement" in the metrics
+                accuracy = {}
+                notes.append(f"the artifact produced NaN or infinite logits on {bad} of {len(idx)} images: accuracy not scored")
+            else:
+                accuracy = compare_logits(logits, ref_logits[idx], labels[idx] if labels is not None else None)
             latency = None
             if not checker and not stand_in:
                 b = runner.batch_size
@@ -184,7 +214,7 @@ def profile_bundles(
             memory = runner.memory_bytes() or max(rss_bytes() - before, 0)
             rows.append(
                 Row(
-                    name=Path(bundle).name,
+                    name=bundle.name,
                     target=manifest["target"],
                     precision=manifest["precision"],
                     runner=runner.description,
@@ -213,29 +243,117 @@ def _sample_indices(images: ImageSet, n: int) -> np.ndarray:
 
 
 def _merged_row(result: Dict[str, Any], images: ImageSet, ref_logits: np.ndarray, labels) -> Row:
-    """A row from a device-side results file (TensorRT on a Jetson): its logits are matched to the
-    harness's images by relative path, so accuracy is against the same fp32 reference."""
-    index = {str(p.relative_to(images.root)): i for i, p in enumerate(images.paths)}
-    paths = result.get("images", [])
-    idx = [index[p] for p in paths if p in index]
-    notes = [f"merged from device results ({result.get('device', 'unknown device')})"]
-    accuracy: Dict[str, Any] = {}
-    if idx and len(idx) == len(paths):
-        logits = np.asarray(result["logits"], np.float32)
-        accuracy = compare_logits(logits, ref_logits[idx], labels[idx] if labels is not None else None)
-    else:
-        notes.append("its images are not (all) in this image set: accuracy not compared")
+    """A row from a validated device-side results file (TensorRT on a Jetson): its logits are
+    matched to the harness's images by relative path, so accuracy is against the same fp32
+    reference on the same images."""
+    index = {p: i for i, p in enumerate(result["images"])}
+    rows = [index[_image_key(p, images)] for p in images.paths]
+    logits = result["logits"][rows]
+    notes = [f"merged from device results ({brief(result.get('device') or 'unknown device', 200)})"]
+    if len(result["images"]) > len(images):
+        notes.append(f"scored on the {len(images)} images profiled here, of the {len(result['images'])} in the results file")
     return Row(
-        name=result.get("bundle", "device"),
-        target=result.get("target", "tensorrt"),
-        precision=result.get("precision", "?"),
-        runner=result.get("runner", "device"),
+        name=result.get("bundle") or "device",
+        target=result.get("target") or "tensorrt",
+        precision=result.get("precision") or "?",
+        runner=result.get("runner") or "device",
         size_bytes=result.get("engine_bytes"),
-        accuracy=accuracy,
+        accuracy=compare_logits(logits, ref_logits, labels),
         latency=result.get("latency"),
         memory_bytes=result.get("device_memory_bytes"),
         notes=notes,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Results files (--merge): untrusted, validated before any profiling work
+
+MAX_RESULTS_BYTES = 2 << 30
+MAX_TEXT = 1000  # characters in a results file's descriptive strings
+LATENCY_KEYS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput_ips")
+
+
+def load_results(path: Path, num_classes: Optional[int] = None) -> Dict[str, Any]:
+    """Read and validate a device results file (``--merge``)."""
+    source = f"--merge {brief(str(path), 200)}"
+    return validate_results(load_json_file(path, source, max_bytes=MAX_RESULTS_BYTES), source, num_classes)
+
+
+def validate_results(data: Any, source: str, num_classes: Optional[int] = None) -> Dict[str, Any]:
+    """The schema of the results file ``converters.tensorrt.device`` writes: ``images`` (unique
+    relative paths), ``logits`` of shape (len(images), classes), finite; optional latency, sizes
+    and descriptive strings. Returns a copy with ``logits`` as a float32 array. UserError naming
+    the key otherwise."""
+    c = SchemaCheck(source)
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a JSON object at the top level, got {brief(data)}")
+    images = c.value(data, "images", "images", list)
+    if not images:
+        c.fail("images", "empty")
+    for i, name in enumerate(images):
+        if not isinstance(name, str):
+            c.fail(f"images[{i}]", f"expected a relative path, got {brief(name)}")
+        try:
+            check_relative_name(name, f"images[{i}]")
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+    if len(set(images)) != len(images):
+        c.fail("images", "lists an image more than once")
+    if isinstance(data.get("logits"), np.ndarray):  # already validated once
+        logits = data["logits"]
+    else:
+        raw = c.value(data, "logits", "logits", list)
+        try:
+            logits = np.asarray(raw)
+        except (ValueError, TypeError, OverflowError):
+            c.fail("logits", "expected a list of equal-length lists of numbers")
+        if logits.dtype.kind not in "iuf" or logits.ndim != 2:
+            c.fail("logits", "expected a list of equal-length lists of numbers")
+    if logits.shape[0] != len(images) or logits.shape[1] < 1:
+        c.fail("logits", f"shape {tuple(logits.shape)}, expected ({len(images)}, classes): one row per image")
+    if num_classes is not None and logits.shape[1] != num_classes:
+        c.fail("logits", f"{logits.shape[1]} classes, the fp32 reference has {num_classes}")
+    with np.errstate(over="ignore"):
+        logits = logits.astype(np.float32)
+    if not np.isfinite(logits).all():
+        c.fail("logits", f"{int((~np.isfinite(logits)).sum())} values are NaN or infinite (or beyond float32)")
+    for key in ("bundle", "precision", "runner", "device", "timing"):
+        value = c.value(data, key, key, str, required=False)
+        if value is not None and len(value) > MAX_TEXT:
+            c.fail(key, f"string of {len(value)} characters is too long")
+    c.choice(data, "target", "target", TARGETS, required=False)
+    for key in ("engine_bytes", "device_memory_bytes"):
+        c.integer(data, key, key, 0, 1 << 50, required=False)
+    latency = c.obj(data, "latency", "latency", required=False)
+    if latency is not None:
+        if latency.get("p50_ms") is None:
+            c.fail("latency.p50_ms", "missing")
+        for key in LATENCY_KEYS:
+            if latency.get(key) is not None and c.number(latency[key], f"latency.{key}") < 0:
+                c.fail(f"latency.{key}", f"negative: {brief(latency[key])}")
+        c.integer(latency, "runs", "latency.runs", 1, 1 << 40, required=False)
+        c.integer(latency, "batch_size", "latency.batch_size", 1, 1 << 20, required=False)
+        latency = {k: latency[k] for k in (*LATENCY_KEYS, "runs", "batch_size") if latency.get(k) is not None}
+    return {**data, "logits": logits, "latency": latency}
+
+
+def _image_key(path: Path, images: ImageSet) -> str:
+    return path.relative_to(images.root).as_posix()
+
+
+def check_results_images(result: Dict[str, Any], images: ImageSet, source: str) -> None:
+    """Every image the harness scores must be in the results file (it is scored on exactly the same
+    images as the other rows), and the results must name only images of this folder."""
+    names = set(result["images"])
+    missing = [p for p in images.paths if _image_key(p, images) not in names]
+    if missing:
+        raise UserError(f"{source}: {len(missing)} of the {len(images)} images profiled here are not in it "
+                        f"(first: {brief(_image_key(missing[0], images), 120)}); run the device runner on the same --data folder")
+    if len(names) > len(images):
+        on_disk = {_image_key(p, images) for p in images.population}
+        stray = [n for n in result["images"] if n not in on_disk]
+        if stray:
+            raise UserError(f"{source}: it names {len(stray)} image(s) that are not in --data (first: {brief(stray[0], 120)}): a different folder?")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,9 +364,23 @@ def _fmt(v, spec="{:.2f}", scale=1.0, none="-"):
     return none if v is None else spec.format(v * scale)
 
 
+def md_text(value: Any, limit: int = 200) -> str:
+    """Text from bundles and results files made safe for a Markdown table cell or list item: one
+    line (control characters become spaces), HTML-special characters escaped, Markdown punctuation
+    backslash-escaped (``|`` would split the cell), cut to ``limit`` characters."""
+    text = str(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    text = html.escape(text, quote=False)
+    for ch in "\\`*_[]|":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
 def markdown_report(report: Dict[str, Any]) -> str:
     lines = [
-        f"# crossvit_edge profile: {report['images']['count']} images from {report['images']['root']}",
+        f"# crossvit_edge profile: {report['images']['count']} images from {md_text(report['images']['root'])}",
         "",
         "Every artifact and the fp32 reference ran on the same images; agreement, cosine and KL are against the fp32 reference.",
         "",
@@ -261,7 +393,7 @@ def markdown_report(report: Dict[str, Any]) -> str:
         subset = f" (n={a['images']})" if a.get("images") not in (None, report["images"]["count"]) else ""
         lines.append(
             "| " + " | ".join([
-                r["name"], r["target"], r["precision"],
+                md_text(r["name"]), md_text(r["target"]), md_text(r["precision"]),
                 _fmt(a.get("top1"), "{:.2f}%", 100) + subset, _fmt(a.get("top5"), "{:.2f}%", 100),
                 _fmt(a.get("top1_agreement"), "{:.2f}%", 100), _fmt(a.get("cosine"), "{:.5f}"), _fmt(a.get("kl"), "{:.2e}"),
                 _fmt(l.get("p50_ms")), _fmt(l.get("p90_ms")), _fmt(l.get("p99_ms")), _fmt(l.get("throughput_ips"), "{:.1f}"),
@@ -271,9 +403,9 @@ def markdown_report(report: Dict[str, Any]) -> str:
     lines.append("")
     lines.append("Runners:")
     for r in report["rows"]:
-        lines.append(f"- {r['name']}: {r['runner']}")
+        lines.append(f"- {md_text(r['name'])}: {md_text(r['runner'], 500)}")
         for n in r["notes"]:
-            lines.append(f"  - {n}")
+            lines.append(f"  - {md_text(n, 1000)}")
     return "\n".join(lines) + "\n"
 
 
@@ -288,7 +420,9 @@ def plot_report(report: Dict[str, Any], path: Path) -> None:
     for r in rows:
         y = r["accuracy"].get("top1", r["accuracy"].get("top1_agreement"))
         ax.scatter(r["latency"]["p50_ms"], 100 * y, s=40)
-        ax.annotate(f"{r['name']}", (r["latency"]["p50_ms"], 100 * y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        # plain text: a '$' in a bundle name would otherwise start matplotlib mathtext (and can fail to parse)
+        label = "".join(ch if ch.isprintable() else " " for ch in str(r["name"])[:60]).replace("$", r"\$")
+        ax.annotate(label, (r["latency"]["p50_ms"], 100 * y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     labelled = report["images"]["labelled"]
     ax.set_xlabel("p50 latency per batch (ms)")
     ax.set_ylabel("top-1 (%)" if labelled else "top-1 agreement with fp32 (%)")

@@ -8,6 +8,7 @@ ImageNet mean/std, channels first.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union
@@ -15,8 +16,16 @@ from typing import Any, Dict, Tuple, Union
 import numpy as np
 from PIL import Image
 
+from .errors import UserError, brief
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Images are untrusted input: their size is read from the header and checked before any pixel is
+# decoded. A 24 KB PNG can declare 14000 x 14000 pixels; a 1 x 2000 strip resized to the model's
+# short side would be 274 x 548000. Documented in README "Security model".
+MAX_IMAGE_PIXELS = 64_000_000  # width x height (an 8000 x 8000 image)
+MAX_ASPECT_RATIO = 50  # long side / short side
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,12 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: Dict[str, Any], source: str = "preprocessing") -> "Preprocessing":
+        """From a manifest's ``preprocessing`` block, validated (sizes, crop in (0, 1], finite
+        non-zero std, ...); UserError naming the key otherwise."""
+        from .bundle import validate_preprocessing
+
+        validate_preprocessing(d, source)
         fields = {k: d[k] for k in ("input_size", "crop_pct", "interpolation", "channel_order", "layout") if k in d}
         return cls(mean=tuple(d.get("mean", IMAGENET_MEAN)), std=tuple(d.get("std", IMAGENET_STD)), **fields)
 
@@ -84,7 +98,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def check_image_size(size: Tuple[int, int], name: str) -> None:
+    """Refuse (UserError) an image whose header declares too many pixels or an extreme shape."""
+    w, h = size
+    if w < 1 or h < 1:
+        raise UserError(f"image {name}: empty ({w} x {h} pixels)")
+    if w * h > MAX_IMAGE_PIXELS:
+        raise UserError(f"image {name}: {w} x {h} pixels is more than the {MAX_IMAGE_PIXELS} this tool decodes (a decompression bomb?)")
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise UserError(f"image {name}: {w} x {h} pixels, an aspect ratio beyond {MAX_ASPECT_RATIO}:1 that resizing would blow up")
+
+
+def open_image(path: Union[str, Path]) -> Image.Image:
+    """``Image.open`` (header only) with the size limits applied; the caller loads the pixels."""
+    name = brief(Path(path).name, 120)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower, limit applies
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError:
+            raise UserError(f"image {name}: more pixels than PIL allows (a decompression bomb); this tool decodes at most {MAX_IMAGE_PIXELS}") from None
+    try:
+        check_image_size(im.size, name)
+    except UserError:
+        im.close()
+        raise
+    return im
+
+
 def load_image(path: Union[str, Path]) -> Image.Image:
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im.load()
         return im.copy()

@@ -5,10 +5,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from .device_profiles import DeviceProfile
-from .errors import UserError
+from .cli_common import check_float, check_int, check_output_outside, check_output_writable
+from .device_profiles import MAX_BATCH, OPSETS, TARGETS, DeviceProfile
+from .errors import UserError, brief
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
+MAX_SAMPLES = 10_000_000
+MAX_BUNDLED_INPUTS = 1000
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "crossvit_tiny_240_digits.safetensors"
 
 
@@ -24,15 +28,15 @@ class CalibrationSettings:
 
     def validate(self) -> None:
         if self.method not in CALIBRATION_METHODS:
-            raise UserError(f"unknown calibration method {self.method!r}; choose one of: {', '.join(CALIBRATION_METHODS)}")
-        if not 0 < self.percentile < 100:
-            raise UserError(f"--calib-percentile must be in (0, 100), got {self.percentile}")
-        if self.samples < 1:
-            raise UserError(f"--calib-samples must be at least 1, got {self.samples}")
-        if self.batch_size < 1:
-            raise UserError(f"--calib-batch-size must be at least 1, got {self.batch_size}")
+            raise UserError(f"unknown calibration method {brief(self.method)}; choose one of: {', '.join(CALIBRATION_METHODS)}")
+        check_float("--calib-percentile", self.percentile, 0, 100, lo_open=True, hi_open=True)
+        check_int("--calib-samples", self.samples, 1, MAX_SAMPLES)
+        check_int("--calib-batch-size", self.batch_size, 1, MAX_BATCH)
+        check_int("--calib-seed", self.seed, 0, 2**32 - 1)
         if self.stats is not None and not Path(self.stats).is_file():
-            raise UserError(f"calibration statistics not found: {self.stats}")
+            raise UserError(f"calibration statistics not found: {brief(str(self.stats), 200)}")
+        if self.data is not None and not Path(self.data).is_dir():
+            raise UserError(f"--calib-data: image folder not found: {brief(str(self.data), 200)}")
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -62,20 +66,34 @@ class BuildSpec:
         return self.options.get(key, default)
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        """Every value range-checked (NaN and infinities refused) and the output checked, before
+        any heavy import or work; UserError naming the flag otherwise."""
+        if self.target not in TARGETS:
+            raise UserError(f"unknown target {brief(self.target)}; choose one of: {', '.join(TARGETS)}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {brief(self.precision)}; choose one of: {', '.join(PRECISIONS)}")
+        check_int("--batch-size", self.batch_size, 1, MAX_BATCH)
+        check_int("--eval-samples", self.eval_samples, 1, MAX_SAMPLES)
         if self.profile is not None and self.profile.target != self.target:
-            raise UserError(f"profile {self.profile.name!r} is for --target {self.profile.target}, not {self.target}")
-        if self.smoothing_alpha is not None and not 0.0 <= self.smoothing_alpha <= 1.0:
-            raise UserError(f"--smooth-alpha must be in [0, 1], got {self.smoothing_alpha}")
-        if self.max_drop is not None and self.max_drop < 0:
-            raise UserError(f"--max-drop must be >= 0, got {self.max_drop}")
+            raise UserError(f"profile {brief(self.profile.name)} is for --target {self.profile.target}, not {self.target}")
+        check_float("--smooth-alpha", self.smoothing_alpha, 0.0, 1.0)
+        check_float("--max-drop", self.max_drop, 0.0, 100.0)  # points of top-1 (or agreement)
+        options = {**(self.profile.options if self.profile else {}), **self.options}
+        if options.get("opset") is not None:
+            check_int("--opset", options["opset"], OPSETS[0], OPSETS[1])
+        check_int("--bundled-inputs", options.get("bundled_inputs"), 0, MAX_BUNDLED_INPUTS)
         if self.eval_data is not None and not Path(self.eval_data).is_dir():
-            raise UserError(f"evaluation folder not found: {self.eval_data}")
+            raise UserError(f"evaluation folder not found: {brief(str(self.eval_data), 200)}")
         self.calibration.validate()
+        check_output_outside(self.output, {"--calib-data": self.calibration.data, "--eval-data": self.eval_data}, replaces_output=True)
         out = Path(self.output)
-        if out.exists() and not self.overwrite and any(out.iterdir()) if out.is_dir() else out.exists():
-            raise UserError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+        try:
+            occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
+        except OSError as e:
+            raise UserError(f"--output {brief(str(out), 200)}: cannot read it ({e.strerror or type(e).__name__})") from None
+        if occupied and not self.overwrite:
+            raise UserError(f"output {brief(str(out), 200)} exists and is not empty; pass --overwrite to replace it")
+        check_output_writable(out)
 
     def to_dict(self) -> Dict[str, Any]:
         return {

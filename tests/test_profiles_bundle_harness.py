@@ -52,15 +52,31 @@ def test_staged_bundle_is_atomic_and_hashed(tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
     with staged_bundle(out) as stage:
         (stage / "model.bin").write_bytes(b"weights")
-        write_manifest(stage, {"artifact": {"file": "model.bin"}})
+        write_manifest(stage, minimal_manifest("model.bin"))
     m = read_manifest(out)
     assert m["files"]["model.bin"]["bytes"] == 7
-    (out / "model.bin").write_bytes(b"tampered")
+    (out / "model.bin").write_bytes(b"weightZ")  # same size: caught by the hash
     with pytest.raises(UserError, match="does not match its sha256"):
+        read_manifest(out)
+    (out / "model.bin").write_bytes(b"tampered")
+    with pytest.raises(UserError, match="8 bytes, the manifest says 7"):
         read_manifest(out)
     with pytest.raises(UserError, match="exists and is not empty"):
         with staged_bundle(out) as stage:
             (stage / "x").write_text("y")
+
+
+def minimal_manifest(artifact: str) -> dict:
+    """The keys the manifest schema requires, for an ONNX bundle of a 10-class 240 px model."""
+    from crossvit_edge.preprocess import Preprocessing
+
+    return {
+        "format": "crossvit_edge bundle", "target": "onnx", "model": "m", "num_classes": 10, "labels": None,
+        "checkpoint": {"source": "m.safetensors", "metadata": {}}, "precision": "fp32",
+        "input": {"name": "image", "shape": [1, 3, 240, 240], "dtype": "float32", "layout": "NCHW"},
+        "output": {"name": "logits", "shape": [1, 10], "dtype": "float32"},
+        "preprocessing": Preprocessing().to_dict(), "artifact": {"file": artifact, "kind": "onnx", "bytes": 7},
+    }
 
 
 def test_metrics_against_hand_computed_values():
