@@ -3,7 +3,7 @@ the others stay float. It is plain data (written into every manifest) keyed by t
 name, the one name that ONNX Q/DQ insertion, PT2E annotation and coremltools' op configs all map
 back to.
 
-Placement follows ../shared/reference/quantization.md: int8 on the inputs of the weighted layers of
+Placement (argued in docs/int8_placement.md): int8 on the inputs of the weighted layers of
 the ViT blocks (qkv, proj, fc1, fc2), the cross-attention key/value projections and the patch
 embedding convs; float for everything that acts on one token (projs, revert_projs, the
 cross-attention query and output projection, the heads) and for LayerNorm, GELU, Softmax, the

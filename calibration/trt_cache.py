@@ -5,8 +5,11 @@ deprecated since 10.1 and removed in 11.0) can skip calibration entirely when th
 a cache. The cache is text::
 
     TRT-<version int>-EntropyCalibration2
-    <tensor name>: <8 lowercase hex digits>
+    <tensor name>: <hex digits>
     ...
+
+We write 8 lowercase digits; TensorRT itself writes the value unpadded (a zero scale is
+``(Unnamed Layer* 64) [Shuffle]_output: 0``), so the reader accepts 1 to 8.
 
 Sources (read, not assumed):
 
@@ -16,8 +19,8 @@ Sources (read, not assumed):
 * NVIDIA/TensorRT ``samples/common/sampleEngines.cpp`` ``readScalesFromCalibrationCache``
   (release/8.5, 8.6, 10.3): ``colonPos = line.find_last_of(':')``, then
   ``std::stoi(line.substr(colonPos + 2, 8), nullptr, 16)`` reinterpreted as a float32 and used as
-  ``setDynamicRange(-127 * scale, 127 * scale)``. So: exactly one space after the last colon,
-  exactly 8 hex digits, the bits of the float32 *scale* = amax / 127, printed as a big-endian uint32.
+  ``setDynamicRange(-127 * scale, 127 * scale)``. So: exactly one space after the last colon, at
+  most 8 hex digits, the bits of the float32 *scale* = amax / 127, printed as a big-endian uint32.
 * The version integer is ``NV_TENSORRT_VERSION``: ``major*1000 + minor*100 + patch`` for 8.x
   (``NvInferRuntimeCommon.h`` release/8.5, ``NvInferRuntimeBase.h`` release/8.6: 8.5.2 -> 8502,
   8.6.1 -> 8601) and ``major*10000 + minor*100 + patch`` from 10.0 (``NvInferRuntimeBase.h``
@@ -25,8 +28,12 @@ Sources (read, not assumed):
 
 TensorRT accepts a cache only when its header names the running TensorRT version and the
 calibrator's algorithm (sampleINT8 README: "If the read calibration file is compatible with
-calibrator type ... and TensorRT version, builder would skip the calibration step"); the device-side
-builder therefore rewrites the header to the installed version (``with_header_version``).
+calibrator type ... and TensorRT version, builder would skip the calibration step"). A rejected
+cache does not fail the build: TensorRT asks the calibrator for batches instead, and trtexec's
+calibrator, which allocated no input buffers because the cache file existed, hands it null device
+pointers. ``build_engine.sh`` therefore rewrites the header to the trtexec's own version
+(``with_header_version`` does the same in Python); the device-side Python builder reads the ranges
+from the cache itself and sets them on the network, so the header does not matter there.
 
 Torch-free (struct and numpy only): the device-side builder imports it.
 """
@@ -43,7 +50,7 @@ from crossvit_edge.errors import UserError
 
 ALGORITHM = "EntropyCalibration2"
 _HEADER = re.compile(r"^TRT-(\d+)-([A-Za-z0-9]+)$")
-_LINE = re.compile(r"^(.+): ([0-9a-fA-F]{8})$")
+_LINE = re.compile(r"^(.+): ([0-9a-fA-F]{1,8})$")
 
 
 def parse_version(version: str) -> Tuple[int, int, int]:
@@ -70,7 +77,8 @@ def scale_hex(scale: float) -> str:
 
 
 def hex_scale(digits: str) -> float:
-    return struct.unpack(">f", bytes.fromhex(digits))[0]
+    """The float32 whose bits are the hex number ``digits`` (1 to 8 digits, as TensorRT writes them)."""
+    return struct.unpack(">f", struct.pack(">I", int(digits, 16)))[0]
 
 
 def amax_to_scale(amax: float) -> float:
@@ -122,7 +130,7 @@ def parse_cache(text: Union[str, bytes]) -> Tuple[int, str, Dict[str, float]]:
             continue
         lm = _LINE.match(line)
         if not lm:
-            raise UserError(f"calibration cache line {i}: {line!r} is not '<tensor>: <8 hex digits>'")
+            raise UserError(f"calibration cache line {i}: {line!r} is not '<tensor>: <1 to 8 hex digits>'")
         scales[lm.group(1)] = hex_scale(lm.group(2))
     return int(m.group(1)), m.group(2), scales
 

@@ -20,7 +20,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from calibration import trt_cache
-from converters.tensorrt import FP32_PREFIX, TensorRTCheckError, decompose_layernorm, resolve_target, static_check
+from converters.tensorrt.onnx_surgery import decompose_layernorm
+from converters.tensorrt.static_check import TensorRTCheckError, const_input_rules, static_check
+from converters.tensorrt.versions import FP32_PREFIX, builder_flags, resolve_target
 from crossvit_edge.bundle import read_manifest
 from crossvit_edge.checkpoint import load_checkpoint
 from crossvit_edge.data import open_image_set
@@ -34,7 +36,7 @@ from crossvit_edge.device_profiles import load_profile
 from .conftest import MICRO_MODEL, REPO, run_cli
 
 JETSON_PROFILES = ["jetson-xavier-nx-jp5", "jetson-orin-nano-jp6", "jetson-agx-orin-jp6-dla", "jetson-thor-jp7", "jetson-agx-orin-jp72"]
-# One export per bundle costs ~15 s on two cores: the two graph families (8.5 implicit with LayerNorm
+# One export per bundle costs ~15 s on two cores: the two graph families (8.5 explicit Q/DQ with LayerNorm
 # decomposed, 10.x strongly typed fp16 + Q/DQ at opset 19) run by default, the other three under -m slow
 # (their trtexec flags and build scripts are checked for every profile, without an export, below).
 FAST_PROFILES = ("jetson-xavier-nx-jp5", "jetson-orin-nano-jp6")
@@ -47,7 +49,7 @@ def _trt_status():
         import tensorrt  # noqa: F401
     except ImportError:
         return False, "tensorrt is not installed (it comes with JetPack; NVIDIA's wheels are not on PyPI here)"
-    from converters.tensorrt_device import device_status
+    from converters.tensorrt.device import device_status
 
     return device_status()
 
@@ -116,7 +118,7 @@ def test_every_jetson_profile_gives_a_checked_bundle_close_to_fp32(profile, bund
     assert trt["version"] == prof.options["version"] and not trt["engine_built"]
     # No tensorrt here: the artifact is the ONNX the device builds from, with the one-line note.
     assert manifest["artifact"]["file"] == trt["onnx"] and (bundle / trt["onnx"]).is_file()
-    assert manifest["artifact"]["runner"] == "converters.tensorrt_device:TensorRTRunner"
+    assert manifest["artifact"]["kind"] == "engine"
     assert manifest["artifact"]["stand_in"]["file"] == trt["reference_onnx"]
     notes = [n for n in manifest["notes"] if n.startswith(NOTE)]
     assert len(notes) == 1 and "\n" not in notes[0]
@@ -147,30 +149,15 @@ def test_every_jetson_profile_gives_a_checked_bundle_close_to_fp32(profile, bund
     assert f"--onnx={trt['onnx']} " in cmd and f"--saveEngine={trt['engine']} " in cmd
     assert f"--exportLayerInfo={trt['layer_info']} " in cmd
     _assert_trtexec_flags(cmd, resolve_target(spec))
-    if trt["mode"] == "implicit":  # 8.5.2 on Xavier NX: fp32 graph + our cache
-        assert not ({"QuantizeLinear", "DequantizeLinear"} & ops)
-        assert build["max_abs_diff"] < 1e-3, build  # the build graph is the fp32 model (LayerNorm decomposed)
-        assert f"--calib={trt['calibration_cache']}.device " in cmd
-        cache = (bundle / trt["calibration_cache"]).read_bytes()
-        assert (bundle / f"{trt['calibration_cache']}.device").read_bytes() == cache  # same version: same bytes
-        version, algorithm, scales = trt_cache.parse_cache(cache)
-        assert (version, algorithm) == (8502, "EntropyCalibration2")
-        tensors = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
-        assert set(scales) <= tensors
-        consumers = {t: {n.op_type for n in model.graph.node if t in n.input} for t in scales}
-        assert all(c & {"MatMul", "Conv"} for c in consumers.values()), consumers
-        plan = json.loads((bundle / "quant_plan.json").read_text())
-        amax = np.array([l["input_amax"] for l in plan["layers"] if l["precision"] == "int8"])
-        act = [s for t, s in scales.items() if not t.endswith(".weight")]
-        assert act and all(np.isclose(s * 127, amax, rtol=1e-6).any() for s in act)
-        # A patch release on the device: the cache is handed over with that version's header.
-        r = _dry_run(bundle, 8503)
-        assert r.returncode == 0, r.stderr
-        device = (bundle / f"{trt['calibration_cache']}.device").read_bytes()
-        assert device == trt_cache.with_header_version(cache, "8.5.3") and device.startswith(b"TRT-8503-EntropyCalibration2\n")
-    else:
-        assert build["cosine"] > 0.99
-        assert "--calib" not in cmd and not list(bundle.glob("*.cache*"))
+    # INT8-effective by construction: every shipped profile is explicit Q/DQ (or strongly typed Q/DQ).
+    assert trt["mode"] in ("explicit", "strongly-typed") and trt["int8"]["mode"] == trt["mode"]
+    assert_int8_effective(bundle)
+    assert build["cosine"] > 0.99
+    assert "--calib" not in cmd and not list(bundle.glob("*.cache*"))
+    assert "--int8" in cmd.split() or trt["mode"] == "strongly-typed"
+    # The manifest's builder flags are the ones the device builder computes (same function).
+    t = resolve_target(spec)
+    assert trt["builder_flags"] == builder_flags(t.version, t.mode, "int8", t.dla_core is not None, t.gpu_fallback, t.fp32_pins)
     if trt["version"].startswith("8.5"):
         assert "LayerNormalization" not in ops
         pinned = [n.name for n in model.graph.node if n.name.startswith(FP32_PREFIX)]
@@ -192,6 +179,89 @@ def test_every_jetson_profile_gives_a_checked_bundle_close_to_fp32(profile, bund
     assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1 and "reconvert with the matching profile" in r.stderr
 
 
+def test_implicit_int8_option_ranges_every_activation_tensor(tmp_path, micro_checkpoint, digits_dir, val_images):
+    """The implicit option for TensorRT 8.5 (not a shipped default): the build graph is the fp32 model
+    (Q/DQ stripped, LayerNorm decomposed), the cache has a range for every float activation tensor of
+    it (the plan's int8 inputs with the plan's ranges), the report says which nodes can run INT8
+    under each builder, and build_engine.sh hands trtexec the cache with its own version header."""
+    from converters.tensorrt.implicit import float_activations
+
+    path = tmp_path / "jp5-implicit.yaml"
+    path.write_text((REPO / "profiles" / "jetson-xavier-nx-jp5.yaml").read_text().replace("mode: explicit", "mode: implicit").replace(
+        "name: jetson-xavier-nx-jp5", "name: jp5-implicit"))
+    prof = load_profile(str(path))
+    assert prof.options["mode"] == "implicit"
+    spec = _spec(tmp_path, micro_checkpoint, digits_dir, prof)
+    manifest = convert(spec)
+    bundle = spec.output
+    trt = manifest["tensorrt"]
+    assert trt["mode"] == "implicit" and trt["int8"]["mode"] == "implicit"
+    assert_int8_effective(bundle)
+    model = onnx.load(str(bundle / trt["onnx"]))
+    x, ref = val_images
+    build = compare_logits(_ort_logits(bundle / trt["onnx"], x), ref)
+    assert build["max_abs_diff"] < 1e-3, build  # the build graph is the fp32 model (LayerNorm decomposed)
+    version, algorithm, scales = trt_cache.parse_cache((bundle / trt["calibration_cache"]).read_bytes())
+    assert (version, algorithm) == (8502, "EntropyCalibration2")
+    activations = float_activations(model)
+    assert set(scales) == set(activations) and len(scales) > 100  # every activation tensor, not just the int8 inputs
+    plan = json.loads((bundle / "quant_plan.json").read_text())
+    amax = [l["input_amax"] for l in plan["layers"] if l["precision"] == "int8"]
+    assert sum(any(np.isclose(s * 127, a, rtol=1e-6) for a in amax) for s in scales.values()) >= len(set(np.round(amax, 6))) - 1
+    report = json.loads((bundle / "tensorrt_report.json").read_text())["calibration_cache"]
+    assert report["tensors"] == len(activations) and report["ranges_from"]["plan"] > 0
+    layers = report["int8_layers"]
+    assert layers["python_builder"]["unranged"] == [] and layers["python_builder"]["pinned_fp32"] == trt["fp32_layers"] > 0
+    # trtexec leaves every node that reads a constant tensor (MatMul weights, biases) in float.
+    assert 0 < layers["trtexec"]["int8_possible"] < layers["python_builder"]["int8_possible"]
+    assert any("--build" in n and "build_engine.sh (trtexec) leaves" in n for n in manifest["notes"])
+    # build_engine.sh: the cache goes to trtexec with the trtexec's own version in its header.
+    r = _dry_run(bundle, 8502)
+    assert r.returncode == 0, r.stderr
+    assert f"--calib={trt['calibration_cache']}.device" in r.stdout.split()
+    cache = (bundle / trt["calibration_cache"]).read_bytes()
+    assert (bundle / f"{trt['calibration_cache']}.device").read_bytes() == cache
+    r = _dry_run(bundle, 8503)
+    assert r.returncode == 0, r.stderr
+    device = (bundle / f"{trt['calibration_cache']}.device").read_bytes()
+    assert device == trt_cache.with_header_version(cache, "8.5.3") and device.startswith(b"TRT-8503-EntropyCalibration2\n")
+
+
+def test_every_jetson_profile_quantizes_explicitly():
+    """Which INT8 mode each shipped profile resolves to (README's table): explicit Q/DQ for all of
+    them; the per-bundle tests above check that the Q/DQ graph is complete and legal."""
+    for profile in JETSON_PROFILES:
+        prof = load_profile(profile)
+        target = resolve_target(SimpleNamespace(options=dict(prof.options), precision="int8", profile=prof))
+        assert target.mode in ("explicit", "strongly-typed"), (profile, target.mode)
+
+
+def assert_int8_effective(bundle: Path) -> None:
+    """The bundle's int8 engine cannot silently run in float for lack of quantization information:
+    explicit modes: the build ONNX's Q/DQ nodes pass TensorRT's rule checker and every int8 layer of
+    the plan has its weight DQ and activation Q/DQ in it; implicit mode: the calibration cache has a
+    range for every float activation tensor of the build ONNX."""
+    from converters.onnx import check_qdq_rules
+    from converters.tensorrt.implicit import float_activations
+    from converters.tensorrt.onnx_surgery import int8_layer_io
+
+    manifest = read_manifest(bundle)
+    trt = manifest["tensorrt"]
+    model = onnx.load(str(bundle / trt["onnx"]))
+    plan = json.loads((bundle / "quant_plan.json").read_text())
+    int8 = [l["name"] for l in plan["layers"] if l["precision"] == "int8"]
+    assert int8
+    if trt["mode"] == "implicit":
+        _, _, scales = trt_cache.parse_cache((bundle / trt["calibration_cache"]).read_bytes())
+        activations = float_activations(model)
+        assert activations and set(activations) <= set(scales), sorted(set(activations) - set(scales))[:5]
+        assert not {n.op_type for n in model.graph.node} & {"QuantizeLinear", "DequantizeLinear"}
+    else:
+        assert check_qdq_rules(model) > 0
+        ios = int8_layer_io(model, SimpleNamespace(int8_layers=lambda: [SimpleNamespace(name=n) for n in int8]))
+        assert sorted(io.layer for io in ios) == sorted(int8)
+
+
 def _dry_run(folder: Path, version_int: int, script: str = "build_engine.sh"):
     """Run a bundle's build script with DRY_RUN=1 (prints the trtexec command instead of running it)
     as if the device's trtexec reported ``version_int`` in its banner. No trtexec is involved."""
@@ -203,7 +273,7 @@ def _dry_run(folder: Path, version_int: int, script: str = "build_engine.sh"):
 
 def _assert_trtexec_flags(cmd: str, target) -> None:
     """The version-specific trtexec flags (each checked in samples/common/sampleOptions.cpp of the
-    NVIDIA/TensorRT release branch: see converters.tensorrt.trtexec_flags)."""
+    NVIDIA/TensorRT release branch: see converters.tensorrt.build_script.trtexec_flags)."""
     words = cmd.split()
     assert words[0] == "/nonexistent/trtexec"
     assert f"--memPoolSize=workspace:{target.workspace_mib}" in words
@@ -224,13 +294,16 @@ def _assert_trtexec_flags(cmd: str, target) -> None:
         assert not any(w.startswith(("--calib", "--int8", "--fp16", "--precisionConstraints", "--layerPrecisions")) for w in words)
 
 
-@pytest.mark.parametrize("profile", JETSON_PROFILES)
+@pytest.mark.parametrize("profile", JETSON_PROFILES + ["jetson-xavier-nx-jp5:implicit"])
 def test_build_script_of_every_jetson_profile(profile, tmp_path):
-    """Without an export: the trtexec command each shipped profile gets, and the script's guards."""
-    from converters.tensorrt import build_script, latency_flags, trtexec_flags
+    """Without an export: the trtexec command each shipped profile gets (and the implicit-INT8
+    option of the JetPack 5 one), and the script's guards."""
+    from converters.tensorrt.build_script import build_script, latency_flags, trtexec_flags
 
+    profile, _, mode = profile.partition(":")
     prof = load_profile(profile)
-    target = resolve_target(SimpleNamespace(options=dict(prof.options), precision=prof.precision, profile=prof))
+    options = dict(prof.options, **({"mode": mode} if mode else {}))
+    target = resolve_target(SimpleNamespace(options=options, precision=prof.precision, profile=prof))
     cache = "m.calib.cache" if target.mode == "implicit" else None
     pinned = ["fp32_layernorm_0_mean", "fp32_layernorm_0_sub"] if target.decompose_layernorm else []
     flags = trtexec_flags(target, "m.onnx", "m.engine", "m.layers.json", cache, pinned)
@@ -247,7 +320,7 @@ def test_build_script_of_every_jetson_profile(profile, tmp_path):
     if cache:
         assert "--calib=m.calib.cache.device" in r.stdout.split()
         assert (tmp_path / "m.calib.cache.device").read_text().splitlines() == [f"TRT-{vint}-EntropyCalibration2", "image: 3ca3d70a"]
-    expected = {"jetson-xavier-nx-jp5": ("implicit", None), "jetson-orin-nano-jp6": ("strongly-typed", None),
+    expected = {"jetson-xavier-nx-jp5": (mode or "explicit", None), "jetson-orin-nano-jp6": ("strongly-typed", None),
                 "jetson-agx-orin-jp6-dla": ("explicit", 0), "jetson-thor-jp7": ("strongly-typed", None),
                 "jetson-agx-orin-jp72": ("strongly-typed", None)}[profile]
     assert (target.mode, target.dla_core) == expected
@@ -330,6 +403,21 @@ def test_cache_round_trip_and_versions(tmp_path):
         trt_cache.parse_cache("hello\nx: 00000000\n")
 
 
+def test_cache_values_tensorrt_writes_unpadded_are_read():
+    """TensorRT writes the scale's bits without leading zeros (a zero scale is a bare ``0``); the
+    reader takes 1 to 8 hex digits, as trtexec's (``stoi`` of up to 8 characters after ": ")."""
+    text = "TRT-8502-EntropyCalibration2\n(Unnamed Layer* 64) [Shuffle]_output: 0\ninput: 3c010204\nsmall: 1\nmid: 3c0102\n"
+    version, algorithm, scales = trt_cache.parse_cache(text)
+    assert (version, algorithm) == (8502, "EntropyCalibration2")
+    assert scales["(Unnamed Layer* 64) [Shuffle]_output"] == 0.0
+    assert scales["input"] == np.float32(1 / 127)
+    assert scales["small"] == np.array([1], np.uint32).view(np.float32)[0]  # the smallest subnormal
+    assert scales["mid"] == np.array([0x3C0102], np.uint32).view(np.float32)[0]
+    for bad in ("x: 123456789", "x: 3c01020g", "x:3c010204", "x: "):
+        with pytest.raises(UserError, match="1 to 8 hex digits"):
+            trt_cache.parse_cache("TRT-8502-EntropyCalibration2\n" + bad + "\n")
+
+
 # --------------------------------------------------------------------------------------------------
 # Static checker and LayerNorm decomposition
 
@@ -397,6 +485,51 @@ def test_static_check_names_the_offending_node():
     assert "'d1'" in str(e.value) and "(+1 more)" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_constant_input_rules_follow_each_versions_operator_table():
+    """Slice: 8.5 and 10.x tables require only ``axes`` to be constant (starts/ends may be tensors);
+    the 10.15 table drops the restriction. Reduce* ``axes`` from the 10.0 table on."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])
+    ends_in = helper.make_tensor_value_info("ends_in", TensorProto.INT64, [1])
+    axes = numpy_helper.from_array(np.array([0], np.int64), "axes")
+    starts = numpy_helper.from_array(np.array([0], np.int64), "starts")
+    # ends computed at run time from a graph input: a tensor, not an initializer
+    tensor_ends = _model([helper.make_node("Slice", ["x", "starts", "ends_in", "axes"], ["y"], name="sl")],
+                         [x, ends_in], [y], [axes, starts])
+    tensor_axes = _model([helper.make_node("Slice", ["x", "starts", "ends", "axes_in"], ["y"], name="sl")],
+                         [x, helper.make_tensor_value_info("axes_in", TensorProto.INT64, [1])], [y],
+                         [starts, numpy_helper.from_array(np.array([2], np.int64), "ends")])
+    for version, mode in (("8.5.2", "explicit"), ("8.6.1", "explicit"), ("10.3", "strongly-typed"), ("10.13", "strongly-typed"),
+                          ("10.15", "strongly-typed"), ("11.4.1", "strongly-typed")):
+        target = _target(version, mode)
+        static_check(tensor_ends, target)  # no table restricts starts/ends
+        if target.version[:2] < (10, 15):
+            with pytest.raises(TensorRTCheckError, match=r"node 'sl' \(Slice\): input 3 \('axes_in'\).*`axes` must be an initializer"):
+                static_check(tensor_axes, target)
+        else:
+            static_check(tensor_axes, target)
+    table, rules = const_input_rules((10, 3, 0))
+    assert table.endswith("@10.1-GA") and rules["Slice"] == {3: "`axes` must be an initializer"} and 1 in rules["ReduceMean"]
+    table, rules = const_input_rules((8, 5, 2))
+    assert table.endswith("@8.5-GA") and "ReduceMean" not in rules and rules["Unsqueeze"] == {1: "`axes` must be a constant tensor"}
+    assert "Slice" not in const_input_rules((11, 4, 1))[1]
+
+
+def test_builder_flags_per_version_are_what_trtexec_sets():
+    """``builder_flags`` is what the device builder calls (with the installed version) and what the
+    manifest records: trtexec (sampleEngines.cpp) sets PREFER_PRECISION_CONSTRAINTS with every
+    --useDLACore in 8.5 and 10.3; 11.x removed the flag and the precision flags."""
+    assert builder_flags((8, 5, 2), "explicit", "int8", False, True, True) == ["FP16", "INT8", "OBEY_PRECISION_CONSTRAINTS"]
+    assert builder_flags((8, 5, 2), "explicit", "fp16", True, True, False) == ["FP16", "PREFER_PRECISION_CONSTRAINTS", "GPU_FALLBACK"]
+    assert builder_flags((10, 3, 0), "explicit", "int8", True, False, False) == ["FP16", "INT8", "PREFER_PRECISION_CONSTRAINTS", "DIRECT_IO"]
+    assert builder_flags((10, 3, 0), "strongly-typed", "int8", False, True, False) == []
+    assert builder_flags((10, 3, 0), "explicit", "fp32", False, True, False) == []
+    assert builder_flags((11, 4, 1), "strongly-typed", "int8", True, True, False) == ["GPU_FALLBACK"]
+    dla = _target("10.3", "explicit", precision="int8", dla_core=0, device="Jetson AGX Orin")
+    assert dla.builder_flags == ["FP16", "INT8", "PREFER_PRECISION_CONSTRAINTS", "GPU_FALLBACK"]
+    assert _target("8.5.2", "explicit", precision="int8").builder_flags == ["FP16", "INT8", "OBEY_PRECISION_CONSTRAINTS"]
+
+
 def test_layernorm_decomposition_is_exact_named_and_pow_free():
     import onnxruntime as ort
 
@@ -448,8 +581,9 @@ def test_cli_require_engine_fails_before_any_work(tmp_path, tiny_checkpoint):
     if TRT_OK:
         pytest.skip("tensorrt and a GPU are present")
     out = tmp_path / "never"
+    (tmp_path / "empty").mkdir()  # calibration would fail on it: the engine check must come first
     r = run_cli("crossvit_edge.convert", "--target", "tensorrt", "--profile", "jetson-orin-nano-jp6", "--require-engine",
-                "--checkpoint", tiny_checkpoint, "--calib-data", tmp_path / "does-not-matter", "--output", out)
+                "--checkpoint", tiny_checkpoint, "--calib-data", tmp_path / "empty", "--output", out)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--require-engine" in lines[0] and "build_engine.sh" in lines[0], r.stderr
@@ -486,9 +620,10 @@ def test_profile_the_tensorrt_cannot_honour_fails_in_one_line_before_any_work(tm
 
     path = _write_profile(tmp_path, name, version, device, **section)
     out = tmp_path / "out"
-    # --calib-data points nowhere: reaching calibration would fail with another message.
+    # --calib-data is an empty folder: reaching calibration would fail with another message.
+    (tmp_path / "empty").mkdir()
     code = main(["--target", "tensorrt", "--profile", str(path), "--checkpoint", "/nonexistent.safetensors",
-                 "--calib-data", str(tmp_path / "missing"), "--output", str(out)])
+                 "--calib-data", str(tmp_path / "empty"), "--output", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert __import__("re").search(message, err[0]), err[0]
@@ -513,16 +648,16 @@ def test_no_profile_is_refused(tmp_path):
 # Device side
 
 
-# Prepended to every torch-free subprocess: a meta-path finder that refuses torch (and its
-# submodules) however it is imported, so an indirect import fails loudly instead of loading torch.
+# Prepended to every torch-free subprocess: a meta-path finder that refuses torch and PyYAML (and
+# their submodules) however they are imported, so an indirect import fails loudly instead of loading them.
 BLOCK_TORCH = textwrap.dedent(
     """
     import importlib.abc, sys
 
     class _BlockTorch(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError(f"torch is blocked in this process (tried to import {name})")
+            if name.split(".")[0] in ("torch", "yaml"):  # a Jetson runs this without torch or PyYAML
+                raise ImportError(f"{name.split('.')[0]} is blocked in this process (tried to import {name})")
             return None
 
     sys.meta_path.insert(0, _BlockTorch())
@@ -539,10 +674,11 @@ BLOCK_TORCH = textwrap.dedent(
 def test_device_module_imports_without_torch():
     code = BLOCK_TORCH + textwrap.dedent(
         """
-        import converters.tensorrt_device as d
-        from converters.tensorrt_device import TensorRTRunner, build_engine, folder_results, main
+        import converters.tensorrt.device as d
+        from converters.tensorrt.device import TensorRTRunner, build_engine, folder_results, main
         import crossvit_edge.data, crossvit_edge.preprocess, crossvit_edge.metrics, crossvit_edge.bundle
-        loaded = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in ("torch", "onnx", "onnxruntime", "onnxscript"))
+        import converters.tensorrt.versions, converters.tensorrt.implicit
+        loaded = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in ("torch", "yaml", "onnx", "onnxruntime", "onnxscript"))
         assert not loaded, loaded
         print("ok")
         """
@@ -551,8 +687,70 @@ def test_device_module_imports_without_torch():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+def test_host_buffers_of_every_engine_dtype_wrap_without_copying():
+    """The cuda-python backend's pinned host buffers are numpy views of raw memory (``host_array``);
+    here the memory is a ctypes buffer instead of cudaMallocHost's, the wrapping is the same."""
+    import ctypes
+
+    from converters.tensorrt.device import host_array
+
+    for dtype in (np.float16, np.float32, np.int8, np.int32, np.bool_):
+        buf = (ctypes.c_char * (2 * 3 * np.dtype(dtype).itemsize))()
+        a = host_array(ctypes.addressof(buf), (2, 3), dtype)
+        assert a.shape == (2, 3) and a.dtype == dtype and a.flags.writeable
+        values = (np.arange(6).reshape(2, 3) % 2).astype(dtype)
+        np.copyto(a, values)
+        assert bytes(buf) == values.tobytes()  # written in place, no copy
+    scalar = host_array(ctypes.addressof((ctypes.c_char * 2)()), (), np.float16)
+    assert scalar.shape == ()
+
+
+def test_pycuda_backend_uses_the_primary_context():
+    """TensorRT works in the device's primary context; ``pycuda.autoinit`` would create a second one."""
+    import ast
+
+    import converters.tensorrt.device as d
+
+    tree = ast.parse(Path(d.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "pycuda.autoprimaryctx" in imported and "pycuda.autoinit" not in imported
+
+
+def test_dynamic_ranges_cover_the_tensors_tensorrt_makes_itself():
+    """What the TensorRT 8.5 parser makes of ``y = MatMul(x, W) + b`` with a 2-D weight: a constant
+    layer (named after the initializer, its output unnamed), a Shuffle that adds the broadcast
+    dimension (unnamed output), the MatMul, a constant for b and the Add. The cache names only ONNX
+    tensors (x, the MatMul output, y): the constants get ranges from their weights, the Shuffle from
+    its input, so every layer can run INT8; a layer TensorRT adds whose output nothing ranges
+    cannot, and says why."""
+    from converters.tensorrt.implicit import NetLayer, dynamic_ranges
+
+    w = "(Unnamed Layer* 0) [Constant]_output"
+    ws = "(Unnamed Layer* 1) [Shuffle]_output"
+    bias = "(Unnamed Layer* 3) [Constant]_output"
+    layers = [
+        NetLayer("fc.weight", "CONSTANT", [], [w], weights_amax=0.5),
+        NetLayer("(Unnamed Layer* 1) [Shuffle]", "SHUFFLE", [w], [ws]),
+        NetLayer("MatMul_0", "MATRIX_MULTIPLY", ["x", ws], ["mm"]),
+        NetLayer("fc.bias", "CONSTANT", [], [bias], weights_amax=0.0),
+        NetLayer("Add_0", "ELEMENTWISE", ["mm", bias], ["y"]),
+        NetLayer("fp32_layernorm_0_mean", "REDUCE", ["y"], ["m"]),
+        NetLayer("(Unnamed Layer* 6) [ElementWise]", "ELEMENTWISE", ["y", "m"], ["(Unnamed Layer* 6) [ElementWise]_output"]),
+    ]
+    plan = dynamic_ranges(layers, ["x"], {"x": 2.0, "mm": 3.0, "y": 3.5, "m": 1.0}, fp32_prefix="fp32_layernorm_")
+    assert plan.ranges["x"] == (2.0, "cache") and plan.ranges[w] == (0.5, "constant weights")
+    assert plan.ranges[ws] == (0.5, "shuffle input") and plan.ranges[bias][0] > 0  # an all-zero bias still gets a positive range
+    assert plan.int8_layers == ["(Unnamed Layer* 1) [Shuffle]", "MatMul_0", "Add_0"]
+    assert plan.float_layers == {"fp32_layernorm_0_mean": "pinned to fp32",
+                                 "(Unnamed Layer* 6) [ElementWise]": "no range for (Unnamed Layer* 6) [ElementWise]_output"}
+    summary = plan.summary()
+    assert summary["ranges_from"] == {"cache": 4, "constant weights": 2, "shuffle input": 1} and summary["layers_float"] == 2
+    assert len(plan.warnings()) == 1 and "1 layers" in plan.warnings()[0]
+
+
 def test_device_cli_and_runner_without_an_engine_fail_cleanly(bundle_of, digits_dir, tmp_path):
-    from converters.tensorrt_device import TensorRTRunner
+    from converters.tensorrt.device import TensorRTRunner
 
     bundle = bundle_of("jetson-orin-nano-jp6")
     manifest = read_manifest(bundle)
@@ -561,7 +759,7 @@ def test_device_cli_and_runner_without_an_engine_fail_cleanly(bundle_of, digits_
         TensorRTRunner(bundle, manifest)
     code = BLOCK_TORCH + textwrap.dedent(
         f"""
-        from converters.tensorrt_device import main
+        from converters.tensorrt.device import main
         sys.exit(main([{str(bundle)!r}, "--data", {str(digits_dir / "val")!r}, "--output", {str(tmp_path / "r.json")!r}]))
         """
     )
@@ -569,6 +767,29 @@ def test_device_cli_and_runner_without_an_engine_fail_cleanly(bundle_of, digits_
     if not TRT_OK:
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "error:" in r.stderr, r.stderr
         assert not (tmp_path / "r.json").exists()
+
+
+def test_a_rebuild_on_the_device_keeps_the_bundle_openable(bundle_of, tmp_path):
+    """An engine built at conversion is listed in ``files``; rebuilding it on the device (--build)
+    must record the new hash, or the next open refuses the bundle as modified."""
+    import shutil
+
+    from converters.tensorrt.device import _refresh_listed_files
+    from crossvit_edge.bundle import open_bundle, write_manifest
+
+    bundle = tmp_path / "b"
+    shutil.copytree(bundle_of("jetson-orin-nano-jp6"), bundle)
+    manifest = read_manifest(bundle)
+    engine = bundle / manifest["tensorrt"]["engine"]
+    engine.write_bytes(b"engine built at conversion")
+    write_manifest(bundle, {k: v for k, v in manifest.items() if k != "files"})
+    opened = open_bundle(bundle)
+    assert engine.name in opened.manifest["files"]
+    engine.write_bytes(b"engine rebuilt on the device, another size")
+    with pytest.raises(UserError, match="modified or corrupt"):
+        open_bundle(bundle)
+    _refresh_listed_files(bundle, opened.manifest, [engine, None])
+    assert open_bundle(bundle).manifest["files"][engine.name]["bytes"] == engine.stat().st_size
 
 
 def test_device_results_file_merges_into_the_harness(bundle_of, digits_dir, tmp_path, micro_checkpoint):
@@ -591,7 +812,7 @@ def test_device_results_file_merges_into_the_harness(bundle_of, digits_dir, tmp_
         import time
         from pathlib import Path
         from converters.onnx import OnnxRuntimeRunner
-        from converters.tensorrt_device import folder_results, run_folder
+        from converters.tensorrt.device import folder_results, run_folder
         from crossvit_edge.bundle import read_manifest, write_json
         from crossvit_edge.data import open_image_set
         from crossvit_edge.preprocess import Preprocessing
@@ -636,7 +857,7 @@ def test_device_results_file_merges_into_the_harness(bundle_of, digits_dir, tmp_
 
 
 def _local_profile(tmp_path, precision):
-    from converters.tensorrt_device import compute_capability, installed_version
+    from converters.tensorrt.device import compute_capability, installed_version
 
     major, minor, patch = installed_version()
     mode = "explicit" if major < 10 else "strongly-typed"
@@ -652,7 +873,7 @@ def _local_profile(tmp_path, precision):
 @needs_trt_gpu
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_engine_is_built_and_runs_close_to_fp32(tmp_path, micro_checkpoint, digits_dir, precision, val_images):
-    from converters.tensorrt_device import TensorRTRunner
+    from converters.tensorrt.device import TensorRTRunner
 
     prof = _local_profile(tmp_path, precision)
     spec = _spec(tmp_path, micro_checkpoint, digits_dir, prof, precision=precision, require_engine=True)
@@ -681,7 +902,7 @@ def test_device_cli_builds_and_writes_mergeable_results(tmp_path, micro_checkpoi
     convert(spec)
     (spec.output / f"{MICRO_MODEL}_fp16.engine").unlink()
     out = tmp_path / "results.json"
-    r = run_cli("converters.tensorrt_device", spec.output, "--data", digits_dir / "val", "--build", "--runs", "5", "--output", out)
+    r = run_cli("converters.tensorrt.device", spec.output, "--data", digits_dir / "val", "--build", "--runs", "5", "--output", out)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     images = open_image_set(digits_dir / "val")

@@ -1,16 +1,20 @@
 """Device side of the TensorRT target (runs on the Jetson): build the engine from a bundle's ONNX,
 run it on a folder of images, time it, and write the results file the profiling harness merges.
 
-    python -m converters.tensorrt_device BUNDLE --data DIR [--build] [--runs N] --output results.json
+    python -m converters.tensorrt.device BUNDLE --data DIR [--build] [--runs N] --output results.json
 
 Torch-free by construction: it imports tensorrt, numpy, pycuda or cuda-python, PIL (through
 ``crossvit_edge.data``/``preprocess``) and the torch-free modules ``crossvit_edge.bundle``,
-``data``, ``errors``, ``metrics``, ``preprocess``, ``converters.base`` and ``calibration.trt_cache``
-(``tests/test_tensorrt.py`` imports it, and runs its folder/results path, in a subprocess whose
-meta-path finder refuses any import of torch).
+``data``, ``errors``, ``metrics``, ``preprocess``, ``converters.base``, ``converters.tensorrt.versions``,
+``converters.tensorrt.implicit`` and ``calibration.trt_cache`` (``tests/test_tensorrt.py`` imports it, and runs its folder/results
+path, in a subprocess whose meta-path finder refuses any import of torch and PyYAML).
+
+Every file the manifest names (ONNX, engine, layer information, timing cache, calibration cache) is
+resolved inside the bundle folder (``bundle_file``): a manifest cannot make this program read or
+write outside the bundle; the results go to the user's ``--output``.
 
 Every TensorRT call below was checked against the Python bindings (``python/src/infer/pyCore.cpp``,
-``pyGraph.cpp``, ``pyInt8.cpp``, ``python/src/parsers/pyOnnx.cpp``, ``python/packaging/**/tensorrt/
+``pyGraph.cpp``, ``python/src/parsers/pyOnnx.cpp``, ``python/packaging/**/tensorrt/
 __init__.py``) of NVIDIA/TensorRT release/8.5, 8.6, 10.0, 10.3, 10.7, 10.13, 10.16, 11.0 and 11.1
 (the release branches of github.com/NVIDIA/TensorRT); each comment names the versions that have the
 call, "all" meaning every one of those. ``docs/tensorrt_api.md`` has the whole table. Version
@@ -21,10 +25,14 @@ differences handled here:
   (always strongly typed; ``EXPLICIT_BATCH`` no longer exists). Flag bit positions moved between
   versions (``kSTRONGLY_TYPED = 1`` in release/10.3 include/NvInfer.h, ``= 0`` and deprecated in
   release/11.0), so they are always read from the enum.
-* precision: ``BuilderFlag.FP16/INT8`` for weakly typed 8.x/10.x networks; none when strongly typed
-  (the flags do not exist in 11.x).
-* implicit INT8: an ``IInt8EntropyCalibrator2`` subclass that only hands TensorRT our cache (8.x,
-  10.x; deprecated in 10.1, removed in 11.0).
+* builder flags: ``converters.tensorrt.versions.builder_flags`` (the converter records the same
+  answer in the manifest): ``FP16/INT8`` for weakly typed 8.x/10.x networks, none when strongly
+  typed (the flags do not exist in 11.x); ``PREFER_PRECISION_CONSTRAINTS`` with DLA below 11.0, as
+  trtexec sets it.
+* implicit INT8: no calibrator. The bundle's cache gives a range for every activation tensor of
+  the ONNX graph; ``ITensor.set_dynamic_range`` (8.5-10.x, deprecated in 10.1, gone in 11.0) puts
+  them on the parsed network, and the tensors TensorRT made itself get theirs here: a constant's
+  from its values, a Shuffle's from its input (``dynamic_ranges``). What stays unranged is reported.
 """
 from __future__ import annotations
 
@@ -39,13 +47,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from calibration.trt_cache import parse_version, version_int, with_header_version
+from calibration.trt_cache import parse_cache, parse_version
 from converters.base import Runner
 from crossvit_edge.errors import UserError
 
+from .implicit import NetLayer, dynamic_ranges
+from .versions import builder_flags
+
 log = logging.getLogger(__name__)
 
-PROG = "converters.tensorrt_device"
+PROG = "converters.tensorrt.device"
 
 
 def _import_trt():
@@ -100,53 +111,62 @@ def compute_capability() -> Optional[str]:
 # Build
 
 
-def _make_calibrator(trt, cache: bytes):
-    """An IInt8EntropyCalibrator2 that only reads our cache (pyInt8.cpp release/8.5 and 10.3: the
-    trampoline calls get_batch_size (pure virtual), get_batch, read_calibration_cache and
-    write_calibration_cache; a subclass must call the base ``__init__``). Exceptions raised in these
-    callbacks are printed by TensorRT, not propagated, so failures are recorded on the object."""
+def bundle_file(base: Path, options: Dict[str, Any], key: str) -> Optional[Path]:
+    """The file the manifest's ``tensorrt.<key>`` names, inside ``base`` (the bundle folder): a plain
+    relative name, no absolute path, no ``..``, no symlink out (``crossvit_edge.bundle``'s check, the
+    one ``Bundle.path`` makes). None when the manifest names none."""
+    from crossvit_edge.bundle import resolve_in_bundle
 
-    class CacheOnlyCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self):
-            trt.IInt8EntropyCalibrator2.__init__(self)
-            self.cache = cache
-            self.batches_requested = 0
-
-        def get_batch_size(self):
-            # 1 for explicit-batch networks (the batch is in the input shape): what trtexec's
-            # calibrator passes (RndInt8Calibrator(1, ...), sampleEngines.cpp release/8.5, 10.3) and
-            # Polygraphy's default (calibrator.py release/8.5: batch_size "[DEPRECATED]", default 1).
-            return 1
-
-        def get_batch(self, names):
-            # Only called when TensorRT rejected the cache (version or algorithm mismatch): end
-            # calibration at once instead of calibrating on nothing.
-            self.batches_requested += 1
-            return None
-
-        def read_calibration_cache(self):
-            return self.cache
-
-        def write_calibration_cache(self, cache):
-            return None
-
-    return CacheOnlyCalibrator()
-
-
-def _resolve(options: Dict[str, Any], key: str, base: Path) -> Optional[Path]:
     value = options.get(key)
     if not value:
         return None
-    p = Path(value)
-    return p if p.is_absolute() else base / p
+    return resolve_in_bundle(base, value, f"tensorrt.{key}")
 
 
-def build_engine(onnx_path, options: Dict[str, Any]) -> Tuple[bytes, str]:
+def describe_network(trt, network) -> Tuple[List[NetLayer], List[Any]]:
+    """The parsed network as plain ``NetLayer`` records (for ``dynamic_ranges``) and the ITensor
+    objects by name. Layer and tensor calls: ``INetworkDefinition.num_layers/get_layer/num_inputs/
+    get_input``, ``ILayer.name/type/num_inputs/get_input/num_outputs/get_output``, ``ITensor.name/
+    dtype``, ``IConstantLayer.weights`` (a numpy array): all versions listed in docs/tensorrt_api.md.
+    A layer from ``get_layer`` is typed ``ILayer``; like Polygraphy (``backend/trt/util.py``), the
+    class is set to ``IConstantLayer`` to read a constant's weights."""
+    tensors: Dict[str, Any] = {}
+    floats = {trt.DataType.FLOAT, trt.DataType.HALF}
+
+    def names(getter, count) -> List[str]:
+        out = []
+        for j in range(count):
+            t = getter(j)
+            if t is None:  # an omitted optional input
+                continue
+            tensors[t.name] = t
+            if t.dtype in floats:
+                out.append(t.name)
+        return out
+
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        tensors[t.name] = t
+    layers = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        amax = None
+        if layer.type == trt.LayerType.CONSTANT:
+            layer.__class__ = trt.IConstantLayer
+            values = np.asarray(layer.weights)
+            if values.size and values.dtype.kind == "f":
+                amax = float(np.abs(values.astype(np.float32)).max())
+        layers.append(NetLayer(layer.name, layer.type.name, names(layer.get_input, layer.num_inputs),
+                               names(layer.get_output, layer.num_outputs), amax))
+    return layers, tensors
+
+
+def build_engine(onnx_path, options: Dict[str, Any]) -> Tuple[bytes, str, Dict[str, Any]]:
     """Build the serialized engine for ``onnx_path`` with the bundle's TensorRT options (the
-    manifest's ``tensorrt`` section); returns (engine bytes, engine-inspector JSON).
+    manifest's ``tensorrt`` section); returns (engine bytes, engine-inspector JSON, build report).
 
-    Relative files in ``options`` (calibration cache, timing cache) are resolved against
-    ``options['bundle_dir']`` or the ONNX file's folder."""
+    Files the options name (calibration cache, timing cache) are resolved inside
+    ``options['bundle_dir']`` (default: the ONNX file's folder) by ``bundle_file``."""
     trt = _import_trt()
     onnx_path = Path(onnx_path)
     base = Path(options.get("bundle_dir") or onnx_path.parent)
@@ -162,6 +182,11 @@ def build_engine(onnx_path, options: Dict[str, Any]) -> Tuple[bytes, str]:
         raise UserError(f"TensorRT {trt.__version__} has no strongly typed networks")
     if major >= 11 and not strongly:
         raise UserError(f"TensorRT {trt.__version__} networks are always strongly typed; mode {mode!r} cannot be built")
+    implicit_int8 = mode == "implicit" and precision == "int8"
+    cache_path = bundle_file(base, options, "calibration_cache") if implicit_int8 else None
+    if implicit_int8 and (cache_path is None or not cache_path.is_file()):
+        raise UserError(f"implicit INT8 needs the bundle's calibration cache ({options.get('calibration_cache')}); it is missing")
+    timing_path = bundle_file(base, options, "timing_cache")
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -186,12 +211,8 @@ def build_engine(onnx_path, options: Dict[str, Any]) -> Tuple[bytes, str]:
     config = builder.create_builder_config()
     # set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes): all (max_workspace_size: 8.x only)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.get("workspace_mib", 1024)) << 20)
-    if not strongly:
-        if precision in ("fp16", "int8") or options.get("dla"):
-            config.set_flag(trt.BuilderFlag.FP16)  # set_flag: all; BuilderFlag.FP16: 8.5-10.16, gone in 11.0
-        if precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)  # 8.5-10.16, gone in 11.0; weakly typed Q/DQ networks need it too
 
+    report: Dict[str, Any] = {}
     pinned = 0
     prefix = options.get("fp32_layer_prefix")
     if prefix and not strongly:
@@ -202,24 +223,33 @@ def build_engine(onnx_path, options: Dict[str, Any]) -> Tuple[bytes, str]:
                 for j in range(layer.num_outputs):
                     layer.set_output_type(j, trt.DataType.FLOAT)  # ILayer.num_outputs: all; set_output_type: 8.5-10.16
                 pinned += 1
-        if pinned:
-            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)  # 8.5-10.16, gone in 11.0
         log.info("pinned %d layers named %s* to fp32", pinned, prefix)
-
-    calibrator = None
-    if mode == "implicit" and precision == "int8":
-        if major >= 11:
-            raise UserError("implicit INT8 calibration does not exist in TensorRT 11 (IInt8EntropyCalibrator2 was removed)")
-        cache_path = _resolve(options, "calibration_cache", base)
-        if cache_path is None or not cache_path.is_file():
-            raise UserError(f"implicit INT8 needs the bundle's calibration cache ({options.get('calibration_cache')}); it is missing")
-        text = cache_path.read_bytes()
-        if version_int(installed) != options.get("version_int"):
-            log.warning("rewriting the calibration cache header for TensorRT %s (the bundle names %s)", trt.__version__, options.get("version"))
-        calibrator = _make_calibrator(trt, with_header_version(text, installed))
-        config.int8_calibrator = calibrator  # IBuilderConfig.int8_calibrator: 8.5-10.16 (deprecated 10.1), gone in 11.0
-
     dla = options.get("dla")
+    # The flag set: the same function the converter used for the manifest, with this device's version.
+    flag_names = builder_flags(installed, mode, precision, bool(dla), bool((dla or {}).get("gpu_fallback", True)), pinned > 0)
+    for name in flag_names:
+        # set_flag: all; FP16, INT8, OBEY_/PREFER_PRECISION_CONSTRAINTS: 8.5-10.16 (gone in 11.0, where
+        # builder_flags never names them); GPU_FALLBACK, DIRECT_IO: all
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    report["builder_flags"] = flag_names
+    if options.get("builder_flags") is not None and list(options["builder_flags"]) != flag_names:
+        log.warning("builder flags %s differ from the bundle's %s (TensorRT %s here)", flag_names, options["builder_flags"], trt.__version__)
+
+    if implicit_int8:
+        if major >= 11:
+            raise UserError("implicit INT8 does not exist in TensorRT 11 (dynamic ranges and calibrators were removed)")
+        _, _, scales = parse_cache(cache_path.read_bytes())
+        layers, tensors = describe_network(trt, network)
+        plan = dynamic_ranges(layers, [network.get_input(i).name for i in range(network.num_inputs)],
+                              {name: scale * 127.0 for name, scale in scales.items()}, fp32_prefix=prefix if pinned else None)
+        for name, (amax, _) in plan.ranges.items():
+            # ITensor.set_dynamic_range(min, max): 8.5-10.16 (deprecated in 10.1), gone in 11.0
+            if not tensors[name].set_dynamic_range(-amax, amax):
+                raise UserError(f"TensorRT rejected the dynamic range {amax} of tensor {name!r}")
+        report["int8_ranges"] = plan.summary()
+        for line in plan.warnings():
+            log.warning("%s", line)
+
     if dla:
         core = int(dla["core"])
         available = builder.num_DLA_cores  # Builder.num_DLA_cores: all
@@ -227,23 +257,16 @@ def build_engine(onnx_path, options: Dict[str, Any]) -> Tuple[bytes, str]:
             raise UserError(f"DLA core {core} requested, this device has {available} DLA core(s)")
         config.default_device_type = trt.DeviceType.DLA  # IBuilderConfig.default_device_type, DeviceType.DLA: all
         config.DLA_core = core  # IBuilderConfig.DLA_core: all
-        if dla.get("gpu_fallback", True):
-            config.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # all (what trtexec --allowGPUFallback sets)
-        else:
-            config.set_flag(trt.BuilderFlag.DIRECT_IO)  # all; trtexec on DLA without fallback (sampleEngines.cpp 8.5, 10.3, 11.1)
 
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # all; the inspector's per-layer detail needs it
-    timing_path = _resolve(options, "timing_cache", base)
     previous = timing_path.read_bytes() if timing_path and timing_path.is_file() else b""
     timing_cache = config.create_timing_cache(previous)  # create_timing_cache(serialized_timing_cache): all
     config.set_timing_cache(timing_cache, False)  # set_timing_cache(cache, ignore_mismatch): all
 
     t0 = time.time()
-    plan = builder.build_serialized_network(network, config)  # all; None on failure
-    if plan is None:
+    plan_bytes = builder.build_serialized_network(network, config)  # all; None on failure
+    if plan_bytes is None:
         raise UserError(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path.name} (see the TensorRT log above)")
-    if calibrator is not None and calibrator.batches_requested:
-        raise UserError(f"TensorRT {trt.__version__} did not accept the calibration cache (it asked for calibration batches)")
     log.info("built the engine in %.1f s", time.time() - t0)
     if timing_path is not None:
         timing_path.write_bytes(bytes(config.get_timing_cache().serialize()))  # get_timing_cache(), ITimingCache.serialize(): all
@@ -251,12 +274,13 @@ def build_engine(onnx_path, options: Dict[str, Any]) -> Tuple[bytes, str]:
     runtime = trt.Runtime(logger)
     if dla:
         runtime.DLA_core = int(dla["core"])  # Runtime(logger), Runtime.DLA_core: all
-    engine = runtime.deserialize_cuda_engine(bytes(plan))
+    engine = runtime.deserialize_cuda_engine(bytes(plan_bytes))
     if engine is None:
         raise UserError("TensorRT could not load the engine it just built")
     inspector = engine.create_engine_inspector()  # deserialize_cuda_engine, create_engine_inspector: all
     info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)  # get_engine_information(format): all
-    return bytes(plan), info
+    report.update(layer_precision_summary(info))
+    return bytes(plan_bytes), info, report
 
 
 def layer_precision_summary(info: str) -> Dict[str, Any]:
@@ -302,11 +326,14 @@ class _PyCuda:
     name = "pycuda"
 
     def __init__(self):
-        import pycuda.autoinit  # noqa: F401  (creates and activates a context on device 0)
+        # The device's primary context, the one the CUDA runtime (and so TensorRT's builder and
+        # runtime) uses: ``pycuda.autoinit`` would create a second context beside it, with its own
+        # memory, which an 8 GB Orin Nano cannot spare (pycuda >= 2021.1).
+        import pycuda.autoprimaryctx  # noqa: F401  (retains and pushes device 0's primary context)
         import pycuda.driver as cuda
 
         self.cuda = cuda
-        self.device = pycuda.autoinit.device
+        self.device = pycuda.autoprimaryctx.device
         self.stream = cuda.Stream()
         self._allocs: List[Any] = []
 
@@ -376,8 +403,7 @@ class _CudaPython:
         count = int(np.prod(shape)) if len(shape) else 1
         ptr = self._call(self.rt.cudaMallocHost(max(count * dtype.itemsize, 1)))
         self._host.append(ptr)
-        array = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(np.ctypeslib.as_ctypes_type(dtype))), (count,))
-        return array.reshape(tuple(shape))
+        return host_array(int(ptr), shape, dtype)
 
     def alloc(self, nbytes: int) -> int:
         ptr = self._call(self.rt.cudaMalloc(max(int(nbytes), 1)))
@@ -426,6 +452,18 @@ class _CudaPython:
             self.stream = None
 
 
+def host_array(address: int, shape, dtype) -> np.ndarray:
+    """A numpy view of ``prod(shape)`` elements of ``dtype`` at host ``address`` (cuda-python's
+    pinned ``cudaMallocHost`` memory), writable, without copying. The bytes are wrapped and viewed
+    with the dtype, so every dtype an engine's I/O can have works (float16 included: numpy has no
+    ctypes type for it, ``np.ctypeslib.as_ctypes_type(np.float16)`` raises NotImplementedError)."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(d) for d in shape)
+    count = int(np.prod(shape)) if shape else 1
+    raw = (ctypes.c_char * (count * dtype.itemsize)).from_address(int(address))
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+
 def _cuda_backend():
     errors = []
     for cls in (_PyCuda, _CudaPython):
@@ -452,8 +490,8 @@ class TensorRTRunner(Runner):
         super().__init__(bundle_dir, manifest, artifact, threads)
         trt_options = manifest.get("tensorrt", {}) or {}
         engine_path = self.artifact_path
-        if engine_path.suffix != ".engine":
-            engine_path = self.bundle_dir / trt_options.get("engine", engine_path.with_suffix(".engine").name)
+        if engine_path.suffix != ".engine":  # the engine is still to be built on the device: the artifact is the ONNX
+            engine_path = bundle_file(self.bundle_dir, trt_options, "engine") or engine_path.with_suffix(".engine")
         if not engine_path.is_file():
             raise UserError(
                 f"no TensorRT engine in {self.bundle_dir} ({engine_path.name}): build it on the device "
@@ -604,12 +642,38 @@ def build_bundle_engine(bundle: Path, manifest: Dict[str, Any]) -> Dict[str, Any
     options = dict(manifest.get("tensorrt") or {})
     if not options:
         raise UserError(f"{bundle} is not a TensorRT bundle (no 'tensorrt' section in its manifest)")
+    bundle = Path(bundle)
     options["bundle_dir"] = str(bundle)
+    onnx_path, engine_path = bundle_file(bundle, options, "onnx"), bundle_file(bundle, options, "engine")
+    if onnx_path is None or engine_path is None:
+        raise UserError(f"{bundle}: the manifest's tensorrt section names no onnx or engine file")
+    layer_info = bundle_file(bundle, options, "layer_info")
     t0 = time.time()
-    engine, info = build_engine(bundle / options["onnx"], options)
-    (bundle / options["engine"]).write_bytes(engine)
-    (bundle / options["layer_info"]).write_text(info)
-    return {"build_seconds": round(time.time() - t0, 1), "layer_info": options["layer_info"], **layer_precision_summary(info)}
+    engine, info, report = build_engine(onnx_path, options)
+    engine_path.write_bytes(engine)
+    if layer_info is not None:
+        layer_info.write_text(info)
+    _refresh_listed_files(bundle, manifest, [engine_path, layer_info, bundle_file(bundle, options, "timing_cache")])
+    return {"build_seconds": round(time.time() - t0, 1), "layer_info": options.get("layer_info"), **report}
+
+
+def _refresh_listed_files(bundle: Path, manifest: Dict[str, Any], written: List[Optional[Path]]) -> None:
+    """A build on the device rewrites the engine, layer information and timing cache. Where the
+    conversion host had already built them they are listed in ``files``, and the next open would
+    refuse the bundle as modified: record the new sizes and sha256 (the manifest is rewritten
+    atomically). Files the manifest does not list stay device-local build products."""
+    from crossvit_edge.bundle import MANIFEST, sha256_file, write_json
+
+    root = Path(bundle).resolve()
+    files = manifest.get("files", {})
+    changed = False
+    for path in written:
+        rel = path.resolve().relative_to(root).as_posix() if path is not None and path.is_file() else None
+        if rel in files:
+            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            changed = True
+    if changed:
+        write_json(root / MANIFEST, manifest)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -624,14 +688,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        from crossvit_edge.bundle import read_manifest, write_json
+        from crossvit_edge.bundle import open_bundle, write_json
         from crossvit_edge.data import open_image_set
         from crossvit_edge.preprocess import Preprocessing
 
         if args.runs < 1:
             raise UserError("--runs must be at least 1")
-        bundle = args.bundle
-        manifest = read_manifest(bundle)
+        opened = open_bundle(args.bundle)  # validated, every listed file verified, before anything loads
+        bundle, manifest = opened.root, opened.manifest
         if manifest.get("target") != "tensorrt":
             raise UserError(f"{bundle} is a {manifest.get('target')} bundle, not tensorrt")
         build = build_bundle_engine(bundle, manifest) if args.build else None
