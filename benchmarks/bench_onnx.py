@@ -41,8 +41,8 @@ def median_ms(session, x, runs, warmup=10):
 
 
 def session(path, threads, profile=False, fold_weight_dq=True):
-    """Options as converters.onnx.OnnxRuntimeRunner sets them on x86 (weight DQ folded), except for
-    the uint8-activation row, which keeps ORT's QDQ fusion on to show what integer kernels give."""
+    """Options as converters.onnx.OnnxRuntimeRunner sets them on x86: weight DQ folded for the
+    TensorRT form, ORT's QDQ fusion kept for the ort-cpu form (the uint8-activation row)."""
     import onnxruntime as ort
 
     o = ort.SessionOptions()
@@ -70,25 +70,6 @@ def op_time_shares(path, x, threads, runs=20):
             per_op[e["args"].get("op_name", "?")] += e["dur"]
     total = sum(per_op.values()) or 1.0
     return sorted(((op, 100 * t / total) for op, t in per_op.items()), key=lambda kv: -kv[1])
-
-
-def with_uint8_activations(src, dst):
-    """The same graph with activation Q/DQ in uint8 with zero point 128: the same quantization grid
-    (q - 128 spans [-128, 127]), but the form ONNX Runtime fuses into integer kernels on x86.
-    ONNX Runtime only fuses int8 activations on ARM (QDQIsInt8Allowed() is false on x86), so the
-    TensorRT-legal int8 graph runs as float GEMMs plus Q/DQ work here. Not TensorRT-legal; a
-    measurement of what an integer path is worth on this CPU, not an artifact we ship."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    m = onnx.load(str(src))
-    consts = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-    m.graph.initializer.append(helper.make_tensor("zp_u8_128", TensorProto.UINT8, [], [128]))
-    for node in m.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[0] not in consts:
-            node.input[2] = "zp_u8_128"
-    del m.graph.value_info[:]  # recorded int8 types of the Q outputs no longer hold
-    onnx.save(m, str(dst))
 
 
 def export_naive(model_name, path):
@@ -123,14 +104,15 @@ def main():
                       calibration=CalibrationSettings(data=train_dir, samples=args.calib_samples)))
     int8_build_s = time.time() - t
 
+    # the same plan in ONNX Runtime's CPU form (docs/cpu_int8.md), from the same statistics
+    convert(BuildSpec(target="onnx", output=work / "int8_u8act", precision="int8", checkpoint=str(ckpt),
+                      calibration=CalibrationSettings(stats=work / "int8" / "calibration_stats.npz"), options={"int8_form": "ort-cpu"}))
     paths = {
         f"naive: timm -> {how} -> ORT fp32": naive,
         "crossvit_edge fp32 ONNX": next((work / "fp32").glob("*.onnx")),
         "crossvit_edge int8 Q/DQ ONNX": next((work / "int8").glob("*.onnx")),
+        "same plan, int8_form ort-cpu (uint8 activations, QGemm; not TensorRT-legal)": next((work / "int8_u8act").glob("*.onnx")),
     }
-    u8 = work / "int8_u8act.onnx"
-    with_uint8_activations(paths["crossvit_edge int8 Q/DQ ONNX"], u8)
-    paths["same plan, uint8 activations (ORT x86 form; not TensorRT-legal)"] = u8
     x = np.random.default_rng(0).standard_normal((1, 3, 240, 240)).astype(np.float32)
     sessions = {k: session(p, args.threads, fold_weight_dq="u8act" not in str(p)) for k, p in paths.items()}
     # interleave the rounds so that load on the machine hits every row alike

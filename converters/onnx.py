@@ -236,6 +236,229 @@ def op_counts(model) -> Dict[str, int]:
 
 
 # --------------------------------------------------------------------------------------------------
+# ONNX Runtime's CPU int8 form (docs/cpu_int8.md)
+
+# int8_form: which int8 graph an ONNX bundle carries (profile key ``onnx.int8_form``).
+#   tensorrt         TensorRT's explicit quantization (int8 symmetric activations, float bias):
+#                    the graph the TensorRT target builds from; ORT's x86 CPU EP runs it as float GEMMs.
+#   ort-cpu          the same plan and ranges in the layout ORT's CPU EP fuses into integer GEMMs:
+#                    activation Q/DQ in ``activation_dtype`` (uint8 with zero point 128 is the same
+#                    grid as int8 with zero point 0), each int8 GEMM's bias as an int32 DQ.
+#   ort-cpu-dynamic  the plan's layers as DynamicQuantizeMatMul: activation ranges taken per run.
+INT8_FORMS = ("tensorrt", "ort-cpu", "ort-cpu-dynamic")
+ACTIVATION_DTYPES = ("uint8", "int8")
+# ops that compute a GEMM on integers, as ORT's optimized graph names them
+INTEGER_GEMM_OPS = ("QGemm", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger", "QLinearConv", "ConvInteger")
+_FLOAT_GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul")
+
+
+def _int8_gemms(graph, consts):
+    """(MatMul node, activation DQ, weight DQ, bias Add or None) of every int8 layer of a TensorRT
+    form graph: MatMul(DQ(Q(x)), DQ(int8 weight)), optionally followed by Add(constant bias)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: Dict[str, List[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found = []
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        act, weight = producer.get(node.input[0]), producer.get(node.input[1])
+        if not (act is not None and weight is not None and act.op_type == weight.op_type == "DequantizeLinear"):
+            continue
+        if weight.input[0] not in consts or act.input[0] in consts:
+            continue
+        users = consumers.get(node.output[0], [])
+        add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
+        if add is not None:
+            bias_name = next((i for i in add.input if i != node.output[0]), None)
+            n_out = consts[weight.input[0]].shape[-1]
+            if bias_name not in consts or consts[bias_name].shape != (n_out,):
+                add = None
+        found.append((node, act, weight, add))
+    return found
+
+
+def _drop_unused(graph) -> None:
+    """Remove Q/DQ nodes nobody reads and initializers nobody uses."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def to_ort_cpu_form(model, form: str = "ort-cpu", activation_dtype: str = "uint8"):
+    """Rewrite a TensorRT-form int8 graph (``export_for_precision(..., "int8")``) in place into
+    ``form``; the same layers stay int8 with the same weights and (for ``ort-cpu``) the same
+    activation ranges. Returns the number of int8 GEMMs rewritten.
+
+    Why each change (ORT's QDQ selectors, onnxruntime/core/optimizer/qdq_transformer):
+    * int8 activations fuse only on ARM (``QDQIsInt8Allowed()``); on x86 the activation side must
+      be uint8. uint8 with zero point 128 and the same scale is the TensorRT grid shifted by 128.
+    * ORT first folds MatMul + Add into Gemm; the Gemm selector fuses into QGemm only when every
+      input is a DQ, so the bias becomes DQ(int32 round(b / (s_x * s_w)), s_x * s_w), the bias
+      form of ORT's own quantizer (error below half a unit of s_x * s_w).
+    * a Conv fuses only with a quantized output (QLinearConv), which the plan does not have: the
+      patch-embedding weights are stored dequantized (the same float values the DQ computes, and
+      ORT does not recompute a DQ on every run); the input Q/DQ stays, so the semantics hold.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    if form not in INT8_FORMS[1:]:
+        raise ValueError(f"not an ORT CPU int8 form: {form!r}")
+    if activation_dtype not in ACTIVATION_DTYPES:
+        raise UserError(f"onnx.activation_dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
+    graph = model.graph
+    consts = _const_values(graph)
+    gemms = _int8_gemms(graph, consts)
+    new_inits = []
+    prologue = []  # nodes reading only initializers: placed first, which keeps the graph sorted
+    for node, act, weight, add in gemms:
+        w_scale = consts[weight.input[1]].astype(np.float64)
+        if form == "ort-cpu-dynamic":
+            bias = next((i for i in add.input if i != node.output[0]), "") if add is not None else ""
+            out = add.output[0] if add is not None else node.output[0]
+            quantize = next(n for n in graph.node if act.input[0] in n.output)  # the Q before the DQ
+            dyn = helper.make_node(
+                "DynamicQuantizeMatMul", [quantize.input[0], weight.input[0], weight.input[1], weight.input[2], bias], [out],
+                domain="com.microsoft", name=f"{node.name}_dynamic")
+            graph.node.insert(list(graph.node).index(node), dyn)
+            graph.node.remove(node)
+            if add is not None:
+                graph.node.remove(add)
+            continue
+        if add is not None:
+            bias_name = next(i for i in add.input if i != node.output[0])
+            x_scale = float(consts[act.input[1]])
+            scale = (x_scale * w_scale).astype(np.float32)
+            q = np.clip(np.round(consts[bias_name].astype(np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)
+            base = f"{node.name}_bias"
+            new_inits += [numpy_helper.from_array(q, f"{base}_int32"), numpy_helper.from_array(scale, f"{base}_scale"),
+                          numpy_helper.from_array(np.zeros_like(q), f"{base}_zero_point")]
+            prologue.append(helper.make_node("DequantizeLinear", [f"{base}_int32", f"{base}_scale", f"{base}_zero_point"],
+                                             [f"{base}_dq"], axis=0, name=f"{base}_dq"))
+            add.input[list(add.input).index(bias_name)] = f"{base}_dq"
+    # Conv weights: dequantized once, here
+    producer = {o: n for n in graph.node for o in n.output}
+    for conv in [n for n in graph.node if n.op_type == "Conv"]:
+        dq = producer.get(conv.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in consts:
+            continue
+        w, s = consts[dq.input[0]], consts[dq.input[1]].astype(np.float32)
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % w.ndim
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        name = f"{conv.name}_weight_dequantized"
+        new_inits.append(numpy_helper.from_array((w.astype(np.float32) * s.reshape(shape)).astype(np.float32), name))
+        conv.input[1] = name
+    if activation_dtype == "uint8":
+        zp = "activation_zero_point_uint8_128"
+        new_inits.append(helper.make_tensor(zp, TensorProto.UINT8, [], [128]))
+        for node in graph.node:
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[0] not in consts:
+                node.input[2] = zp
+    graph.initializer.extend(new_inits)
+    for n in reversed(prologue):
+        graph.node.insert(0, n)
+    if form == "ort-cpu-dynamic" and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    del graph.value_info[:]  # recorded int8 types of the activation Q outputs no longer hold
+    _drop_unused(graph)
+    return len(gemms)
+
+
+def fuse_gelu_for_ort(model) -> int:
+    """ONNX Runtime's transformer optimizer's GELU fusion, in place: the exported
+    x * 0.5 * (1 + erf(x / sqrt 2)) (Div, Erf, Add, Mul, Mul) becomes one com.microsoft Gelu
+    (ORT's own session fusions do not match this exporter's form). Its other fusions were measured
+    and left out (docs/cpu_int8.md): SkipLayerNormalization ran slower here, and the attention
+    fusion does not match CrossViT's packed-qkv attention. Returns the number of Gelu nodes."""
+    from onnx import helper
+    from onnxruntime.transformers.fusion_gelu import FusionGelu
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    wrapped = OnnxModel(model)  # wraps ``model``; edits it in place
+    FusionGelu(wrapped).apply()
+    wrapped.prune_graph()
+    wrapped.topological_sort()
+    fused = sum(1 for n in model.graph.node if n.op_type == "Gelu" and n.domain == "com.microsoft")
+    if fused and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return fused
+
+
+def ort_optimized_graph(path: Path, threads: int = 1):
+    """The graph ONNX Runtime's CPU EP actually runs (all optimisations on, as the runner sets
+    them for this form), saved with ``optimized_model_filepath`` and loaded back."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return onnx.load(opts.optimized_model_filepath)
+
+
+def integer_kernel_report(optimized) -> Dict[str, Any]:
+    """What ORT made of an int8 graph: integer GEMM ops by type, the DequantizeLinear nodes still
+    feeding a float GEMM (each one a layer that runs in float, plus the DQ's cost), and the
+    convolutions that run in float on a fake-quantized input (no float-output integer Conv)."""
+    graph = optimized.graph
+    consumers: Dict[str, List[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    integer_ops: Dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type in INTEGER_GEMM_OPS:
+            integer_ops[node.op_type] = integer_ops.get(node.op_type, 0) + 1
+    fed = {f"{user.op_type}:{user.name}" for node in graph.node if node.op_type == "DequantizeLinear"
+           for user in consumers.get(node.output[0], [])}
+    return {
+        "integer_ops": integer_ops,
+        "integer_op_count": sum(integer_ops.values()),
+        "float_gemms_fed_by_dequantize": sorted(f for f in fed if f.split(":")[0] in _FLOAT_GEMM_OPS),
+        "float_convs_fed_by_dequantize": sorted(f for f in fed if f.split(":")[0] == "Conv"),
+    }
+
+
+def host_fuses(activation_dtype: str) -> bool:
+    """Whether this host's ORT fuses ``activation_dtype`` activations (int8 only on ARM)."""
+    return activation_dtype == "uint8" or _is_arm()
+
+
+def _is_arm() -> bool:
+    return platform.machine().lower() in ("arm64", "aarch64") or platform.machine().lower().startswith("armv")
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def int8_form_of(manifest: Dict[str, Any]) -> str:
+    """The int8 form a bundle's manifest records (bundles without one carry the TensorRT form)."""
+    section = manifest.get("onnx") if isinstance(manifest.get("onnx"), dict) else {}
+    form = section.get("int8_form", "tensorrt")
+    if form not in INT8_FORMS:
+        raise UserError(f"manifest onnx.int8_form must be one of {', '.join(INT8_FORMS)}, got {str(form)[:40]!r}")
+    return form
+
+
+# --------------------------------------------------------------------------------------------------
 # Runner
 
 
@@ -256,12 +479,14 @@ class OnnxRuntimeRunner(Runner):
             opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if exact else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        if not exact and platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
-            # ONNX Runtime fuses int8-activation Q/DQ into integer kernels only on ARM
-            # (QDQIsInt8Allowed() is false elsewhere). On x86 the Q/DQ graph runs as float GEMMs, and
+        self.int8_form = int8_form_of(manifest)
+        if not exact and self.int8_form == "tensorrt" and manifest.get("precision") == "int8" and _is_x86():
+            # The TensorRT form's int8 activations fuse into integer kernels only on ARM
+            # (QDQIsInt8Allowed() is false elsewhere). On x86 that graph runs as float GEMMs, and
             # the weight DequantizeLinear nodes would be recomputed on every run (ORT keeps them
             # unfolded for the fusion that never comes): let constant folding turn them into float
-            # weights instead. Results are the same; only the wasted work goes.
+            # weights instead. Results are the same; only the wasted work goes. The ort-cpu forms
+            # are built for the fusion and keep it.
             opts.add_session_config_entry("session.disable_quant_qdq", "1")
         self._providers = providers or ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(self.artifact_path), opts, providers=self._providers)
@@ -273,7 +498,8 @@ class OnnxRuntimeRunner(Runner):
     @property
     def description(self) -> str:
         mode = "no graph optimisation" if self.exact else "all graph optimisations"
-        return f"onnxruntime {self._version} {self._providers[0]} ({mode})"
+        form = f", int8 form {self.int8_form}" if self.manifest.get("precision") == "int8" else ""
+        return f"onnxruntime {self._version} {self._providers[0]} ({mode}{form})"
 
     def run(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})[0].astype(np.float32)
@@ -306,16 +532,65 @@ class OnnxConverter(Converter):
     precisions = ("fp32", "fp16", "int8")
     requires = ("onnx", "onnxruntime", "onnxscript")
 
+    def validate(self, spec) -> None:
+        super().validate(spec)
+        form = spec.option("int8_form", "tensorrt")
+        if form not in INT8_FORMS:
+            raise UserError(f"onnx.int8_form must be one of {', '.join(INT8_FORMS)}, got {str(form)[:40]!r}")
+        dtype = spec.option("activation_dtype", "uint8")
+        if dtype not in ACTIVATION_DTYPES:
+            raise UserError(f"onnx.activation_dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {str(dtype)[:40]!r}")
+
     def convert(self, ctx, out_dir: Path) -> Artifact:
         opset = int(ctx.spec.option("opset", DEFAULT_OPSET))
         name = f"{ctx.model_name}_{ctx.spec.precision}.onnx"
-        proto = export_for_precision(ctx, out_dir / name, opset, ctx.spec.precision)
+        path = out_dir / name
+        proto = export_for_precision(ctx, path, opset, ctx.spec.precision)
         report: Dict[str, Any] = {"opset": opset, "op_counts": op_counts(proto)}
+        section: Dict[str, Any] = {"qdq_nodes": 0}
+        rewritten = False
         if ctx.spec.precision == "int8":
-            report["qdq_nodes"] = check_qdq_rules(proto)
+            # every form starts as the TensorRT form, checked against TensorRT's rules: one plan
+            report["qdq_nodes"] = section["qdq_nodes"] = check_qdq_rules(proto)
+            form = section["int8_form"] = ctx.spec.option("int8_form", "tensorrt")
+            if form != "tensorrt":
+                section.update(self._rewrite_for_ort_cpu(proto, form, ctx.spec.option("activation_dtype", "uint8"), report))
+                rewritten = True
+        if ctx.spec.option("ort_fusions", False) and ctx.spec.precision != "fp16":
+            section["ort_fusions"] = {"Gelu": fuse_gelu_for_ort(proto)}
+            rewritten = True
+        if rewritten:
+            import onnx
+
+            # contrib ops (com.microsoft) are ORT's: onnx's full check cannot infer their shapes
+            onnx.checker.check_model(proto, full_check=not any(o.domain == "com.microsoft" for o in proto.opset_import))
+            tmp = Path(str(path) + ".tmp")
+            onnx.save(proto, str(tmp))
+            os.replace(tmp, path)
+            report["op_counts"] = op_counts(proto)
+            if "ort_cpu" in report and report["ort_cpu"]["optimized_graph"].get("skipped") is None:
+                report["ort_cpu"]["optimized_graph"] = self._fusion_check(path, report["ort_cpu"]["int8_gemms"])
         return Artifact(
             primary=name,
-            runner="converters.onnx:OnnxRuntimeRunner",
-            manifest={"opset": opset, "onnx": {"qdq_nodes": report.get("qdq_nodes", 0)}},
+            kind="onnx",
+            manifest={"opset": opset, "onnx": section},
             report=report,
         )
+
+    @staticmethod
+    def _rewrite_for_ort_cpu(proto, form: str, activation_dtype: str, report: Dict[str, Any]) -> Dict[str, Any]:
+        n_gemms = to_ort_cpu_form(proto, form, activation_dtype)
+        dtype = "uint8 (per run)" if form == "ort-cpu-dynamic" else activation_dtype
+        entry: Dict[str, Any] = {"form": form, "activation_dtype": dtype, "int8_gemms": n_gemms, "optimized_graph": {}}
+        if not (form == "ort-cpu-dynamic" or host_fuses(activation_dtype)):
+            entry["optimized_graph"] = {"host": platform.machine(), "skipped": f"ORT fuses {activation_dtype} activations only on ARM"}
+        report["ort_cpu"] = entry
+        return {"activation_dtype": dtype, "int8_gemms": n_gemms}
+
+    @staticmethod
+    def _fusion_check(path: Path, n_gemms: int) -> Dict[str, Any]:
+        """What ORT on this host makes of the saved graph; warns when an int8 GEMM stays float."""
+        fused = integer_kernel_report(ort_optimized_graph(path))
+        if fused["integer_op_count"] < n_gemms or fused["float_gemms_fed_by_dequantize"]:
+            log.warning("ONNX Runtime fused %d of %d int8 GEMMs into integer kernels on this host", fused["integer_op_count"], n_gemms)
+        return {"host": platform.machine(), **fused}

@@ -2,6 +2,7 @@
 Runtime, TensorRT's Q/DQ rules, calibration reuse and bad input."""
 from __future__ import annotations
 
+import platform
 
 import numpy as np
 import onnx
@@ -143,6 +144,119 @@ def test_calibration_stats_reuse_gives_identical_scales(bundles, micro_checkpoin
     assert [l["input_amax"] for l in a] == [l["input_amax"] for l in b]
 
 
+@pytest.fixture(scope="module")
+def cpu_form_bundles(bundles, micro_checkpoint, tmp_path_factory):
+    """The ONNX Runtime CPU int8 forms, from the TensorRT-form bundle's statistics (one plan)."""
+    tmp = tmp_path_factory.mktemp("onnx_cpu")
+    stats = bundles["int8"] / "calibration_stats.npz"
+    out = {}
+    for form in ("ort-cpu", "ort-cpu-dynamic"):
+        spec = BuildSpec(target="onnx", output=tmp / form, precision="int8", checkpoint=str(micro_checkpoint),
+                         calibration=CalibrationSettings(stats=stats, method="entropy"),
+                         options={"int8_form": form, "ort_fusions": form == "ort-cpu"})
+        convert(spec)
+        out[form] = spec.output
+    return out
+
+
+def _config_entries(runner):
+    opts = runner.session.get_session_options()
+    found = set()
+    for key in ("session.disable_quant_qdq",):
+        try:
+            if opts.get_session_config_entry(key) == "1":
+                found.add(key)
+        except RuntimeError:  # ORT raises for a key that was never set
+            pass
+    return found
+
+
+def test_ort_cpu_form_runs_integer_kernels_with_the_plans_ranges(bundles, cpu_form_bundles, micro_checkpoint, val_images):
+    from converters.onnx import integer_kernel_report, ort_optimized_graph
+
+    trt_runner, trt_manifest = _runner(bundles["int8"], exact=True)
+    runner, manifest = _runner(cpu_form_bundles["ort-cpu"])
+    plan = manifest["quantization_plan"]
+    n_int8 = plan["summary"]["int8_layers"]
+    n_linear = sum(1 for l in plan["layers"] if l["precision"] == "int8" and l["kind"] == "linear")
+    assert manifest["onnx"]["int8_form"] == "ort-cpu" and manifest["onnx"]["activation_dtype"] == "uint8"
+    assert plan["layers"] == trt_manifest["quantization_plan"]["layers"]  # same layers, same ranges
+    # the graph: uint8 activations with zero point 128 and the plan's scales; int8 weights
+    proto = onnx.load(str(runner.artifact_path))
+    consts = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    quantize = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert quantize and all(consts[n.input[2]].dtype == np.uint8 and int(consts[n.input[2]]) == 128 for n in quantize)
+    plan_scales = {float(np.float32(l["input_amax"] / 127)) for l in plan["layers"] if l["precision"] == "int8"}
+    assert {float(consts[n.input[1]]) for n in quantize} == plan_scales
+    int8_weights = [i for i in proto.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) >= 2]
+    assert len(int8_weights) == n_linear  # the patch-embedding convs keep dequantized weights (no float-output integer Conv)
+    assert manifest["onnx"]["ort_fusions"]["Gelu"] == sum(1 for n in proto.graph.node if n.op_type == "Gelu") > 0
+    assert not {"Erf", "Div"} & {n.op_type for n in proto.graph.node}
+    # what ORT runs: one integer GEMM per int8 Linear, no DequantizeLinear left on a GEMM path
+    fused = integer_kernel_report(ort_optimized_graph(runner.artifact_path))
+    assert fused["integer_ops"] == {"QGemm": n_linear}, fused
+    assert fused["float_gemms_fed_by_dequantize"] == []
+    assert len(fused["float_convs_fed_by_dequantize"]) == n_int8 - n_linear
+    assert manifest["onnx"]["int8_gemms"] == n_linear
+    # the project's runner keeps ORT's QDQ fusion for this form (it folds it away for the TensorRT form on x86)
+    assert "session.disable_quant_qdq" not in _config_entries(runner)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert "session.disable_quant_qdq" in _config_entries(_runner(bundles["int8"])[0])
+    # numbers: ORT without optimisations computes the graph's Q/DQ semantics exactly; they are the
+    # TensorRT form's (the same grid shifted by 128) up to the int32 bias rounding
+    from calibration.plan import QuantPlan
+    from calibration.qdq import apply_qdq
+
+    model = load_checkpoint(micro_checkpoint).model
+    x, _ = val_images
+    ref, sim = reference_logits(model, x), reference_logits(apply_qdq(model, QuantPlan.from_dict(plan)), x)
+    quant_error = np.abs(sim - ref).mean()
+    exact = run_batched(_runner(cpu_form_bundles["ort-cpu"], exact=True)[0], x)
+    trt_exact = run_batched(trt_runner, x)
+    assert np.abs(exact - trt_exact).mean() < 0.2 * quant_error
+    assert np.abs(exact - sim).mean() < quant_error
+    # the integer kernels: same semantics up to float summation order
+    got = run_batched(runner, x)
+    assert np.abs(got - exact).mean() < quant_error
+    assert np.abs(got - ref).mean() < 2 * quant_error
+    cosine = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cosine.min() >= 0.99, cosine
+    assert (got.argmax(1) == exact.argmax(1)).mean() >= 0.9
+
+
+def test_ort_cpu_dynamic_form_quantizes_the_same_layers(cpu_form_bundles, micro_checkpoint, val_images):
+    from converters.onnx import integer_kernel_report, ort_optimized_graph
+
+    runner, manifest = _runner(cpu_form_bundles["ort-cpu-dynamic"])
+    n_linear = sum(1 for l in manifest["quantization_plan"]["layers"] if l["precision"] == "int8" and l["kind"] == "linear")
+    fused = integer_kernel_report(ort_optimized_graph(runner.artifact_path))
+    assert fused["integer_ops"] == {"DynamicQuantizeMatMul": n_linear} and fused["float_gemms_fed_by_dequantize"] == []
+    x, _ = val_images
+    ref = reference_logits(load_checkpoint(micro_checkpoint).model, x)
+    got = run_batched(runner, x)
+    cosine = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cosine.min() >= 0.99, cosine
+
+
+def test_int8_form_comes_from_the_profile_and_is_checked(bundles, tmp_path):
+    import json
+
+    from crossvit_edge.device_profiles import load_profile
+    from crossvit_edge.errors import UserError
+
+    assert load_profile("cpu-onnxruntime").options["int8_form"] == "ort-cpu" and load_profile("cpu-onnxruntime").options["ort_fusions"]
+    assert load_profile("cpu-onnxruntime-arm64").options["activation_dtype"] == "int8"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ntarget: onnx\nonnx:\n  int8_form: fast\n")
+    with pytest.raises(UserError, match="int8_form"):
+        load_profile(str(bad))
+    manifest = json.loads(json.dumps(read_manifest(bundles["int8"])))
+    assert OnnxRuntimeRunner(bundles["int8"], manifest).int8_form == "tensorrt"  # bundles without the key
+    manifest["onnx"]["int8_form"] = "../../evil"
+    with pytest.raises(UserError, match="int8_form"):
+        OnnxRuntimeRunner(bundles["int8"], manifest)
+
+
 def _qdq_graph(zp=0, zp_type=TensorProto.INT8, scale=0.1, act_scale_shape=(), w_axis=1, w_scales=4):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
@@ -208,10 +322,14 @@ def test_cli_bad_calibration_input(tmp_path, tiny_checkpoint, digits_dir, args, 
 
 
 @pytest.mark.slow
-def test_demo_model_int8_accuracy_full_val(demo_checkpoint, digits_dir, tmp_path):
-    """The issue's acceptance numbers in ONNX Runtime: the full digits val split, 256 calibration images."""
+@pytest.mark.parametrize("int8_form", ["tensorrt", "ort-cpu"])
+def test_demo_model_int8_accuracy_full_val(demo_checkpoint, digits_dir, tmp_path, int8_form):
+    """The issue's acceptance numbers in ONNX Runtime: the full digits val split, 256 calibration
+    images, for the TensorRT form and for ONNX Runtime's CPU form (integer kernels)."""
 
     def build_runner(precision, samples):
-        return _runner(_build(tmp_path, demo_checkpoint, precision, digits_dir if samples else None, samples=samples or 32), threads=2)[0]
+        bundle = _build(tmp_path, demo_checkpoint, precision, digits_dir if samples else None, samples=samples or 32,
+                        options={"int8_form": int8_form})
+        return _runner(bundle, threads=2)[0]
 
     demo_int8_acceptance(demo_checkpoint, digits_dir, build_runner, "onnx")

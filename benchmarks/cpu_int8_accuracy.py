@@ -1,0 +1,72 @@
+"""int8 accuracy of the demo model per ONNX int8 form, through ONNX Runtime on the CPU.
+
+    python benchmarks/cpu_int8_accuracy.py [--samples 256] [--threads 2]
+
+Builds the shipped demo checkpoint as fp32 ONNX and as int8 in each form (``tensorrt``, the
+TensorRT-legal Q/DQ graph; ``ort-cpu``, the layout ONNX Runtime's x86 CPU EP fuses into integer
+GEMMs; ``ort-cpu-dynamic``, the plan's layers with per-run activation ranges), all from one set of
+calibration statistics (the digits train split), runs the full digits val split (360 images)
+through the project's runner and prints top-1, the drop against fp32 ONNX and top-1 agreement with
+fp32. The ``ort-cpu`` form is also run with graph optimisations off (ORT then computes the Q/DQ
+semantics exactly), to show what the integer kernels change.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=256, help="calibration images")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from converters.onnx import OnnxRuntimeRunner
+    from crossvit_edge.bundle import read_manifest
+    from crossvit_edge.data import open_image_set, write_digits_imagefolder
+    from crossvit_edge.pipeline import convert, run_batched
+    from crossvit_edge.preprocess import Preprocessing
+    from crossvit_edge.spec import DEMO_CHECKPOINT, BuildSpec, CalibrationSettings
+
+    work = Path(tempfile.mkdtemp(prefix="cpu_int8_accuracy_"))
+    train_dir, val_dir = write_digits_imagefolder(work / "digits")
+    val = open_image_set(val_dir)
+    x, y = val.load(Preprocessing()).astype(np.float32), np.asarray(val.labels)
+
+    def evaluate(bundle, exact=False):
+        return run_batched(OnnxRuntimeRunner(bundle, read_manifest(bundle), threads=args.threads, exact=exact), x)
+
+    convert(BuildSpec(target="onnx", output=work / "fp32", checkpoint=str(DEMO_CHECKPOINT)))
+    l32 = evaluate(work / "fp32")
+    rows = [("fp32", "-", l32)]
+    stats = None
+    for form in ("tensorrt", "ort-cpu", "ort-cpu-dynamic"):
+        out = work / form
+        calib = CalibrationSettings(data=None if stats else train_dir, samples=args.samples, stats=stats)
+        convert(BuildSpec(target="onnx", output=out, precision="int8", checkpoint=str(DEMO_CHECKPOINT), calibration=calib,
+                          options={"int8_form": form}))
+        stats = stats or out / "calibration_stats.npz"
+        rows.append((f"int8 {form}", "all graph optimisations", evaluate(out)))
+        if form == "ort-cpu":
+            rows.append((f"int8 {form}", "no graph optimisation (exact Q/DQ semantics)", evaluate(out, exact=True)))
+    top1_32 = float((l32.argmax(1) == y).mean())
+    print(f"\ndemo model (crossvit_tiny_240, digits), full val split ({len(y)} images), ONNX Runtime CPU, "
+          f"calibration: {args.samples} train images, entropy\n")
+    print("| artifact | ORT session | top-1 | drop vs fp32 (points) | top-1 agreement with fp32 |\n|---|---|---|---|---|")
+    for name, mode, logits in rows:
+        top1 = float((logits.argmax(1) == y).mean())
+        agree = float((logits.argmax(1) == l32.argmax(1)).mean())
+        print(f"| {name} | {mode} | {100 * top1:.2f}% | {100 * (top1_32 - top1):.2f} | {100 * agree:.2f}% |")
+
+
+if __name__ == "__main__":
+    main()
