@@ -67,9 +67,17 @@ def amax_percentile(h: AbsHistogram, percentile: float) -> float:
 def amax_entropy(h: AbsHistogram, num_quant_bins: int = 128, max_candidates: int = 512) -> float:
     """TensorRT's KL-divergence threshold search (IInt8EntropyCalibrator2's method): for each
     candidate threshold i, compare the clipped distribution P (outliers folded into the last bin)
-    with its 128-level quantisation Q expanded back; keep the i with the smallest KL(P||Q)."""
-    counts = h.counts
+    with its 128-level quantisation Q expanded back; keep the i with the smallest KL(P||Q).
+
+    The first bin's count is replaced by the second's, as NVIDIA's pytorch-quantization does: after a
+    ReLU (the dagger stems) half or more of |x| is exactly 0, a spike that otherwise dominates the
+    divergence and drives the threshold down to a fraction of the range (measured: amax 0.17 of
+    1.3 on the last stem conv of a random-weight dagger model, logit cosine 0.91 instead of 0.9999).
+    Exact zeros are represented exactly at any scale, so they carry no information about the clip."""
+    counts = h.counts.copy()
     n = len(counts)
+    if n > 1:
+        counts[0] = counts[1]
     if n <= num_quant_bins or counts.sum() == 0:
         return amax_minmax(h)
     start = num_quant_bins

@@ -18,7 +18,9 @@ How each precision is built (coremltools 9.0, all of it on Linux):
   residual adds, concatenations and the single-token layers stay float. The quantizer also puts an
   output Q/DQ after each quantized layer; those whose consumer is not another int8 layer (qkv into
   attention, proj / fc2 into the residual, patch embeddings into the concatenation) are removed,
-  so that only the *inputs* of the plan's layers are int8, as in ``calibration.plan``. The model is
+  so that only the *inputs* of the plan's layers are int8, as in ``calibration.plan``. The dagger
+  stems' ReLUs are kept out of torch.ao's conv + ReLU fusion (``unfuse_relus``): fused, a plan conv
+  fails to convert, and each stem conv stays one plan layer with an int8 input. The model is
   then finalized, traced (``torch.jit.trace`` after the FX graph's shape arithmetic is folded to
   constants: coremltools 9.0's TorchScript frontend fails on ``aten::Int`` with numpy >= 2.4,
   apple/coremltools#2633) and converted: ``quantize`` / ``dequantize`` on activations,
@@ -227,6 +229,31 @@ def _supported_module_types():
     return tuple(types)
 
 
+def unfuse_relus(model) -> List[str]:
+    """Give every ``nn.ReLU`` of ``model`` (the dagger stems' two) a type the quantizer does not fuse
+    (in place); returns their names, to be passed as non-traceable (leaf) modules.
+
+    LinearQuantizer's torch.ao fusion turns a conv whose only consumer is a ReLU into a ``ConvReLU2d``
+    and then cannot convert it under per-layer configs: the QAT swap reads the qconfig of the inner
+    conv, which the module-type configs switch off ("qconfig must be provided for QAT module"), and
+    once that is configured too, ``finalize`` re-derives the fused type's qconfig from coremltools'
+    default ``FakeQuantize`` entry and rejects it as different from prepare's. Unfused, each stem
+    conv is one plan layer like any other: its *input* is int8 (the ReLU output feeding the next
+    conv, with the plan's symmetric scheme) and the ReLU runs in float (Core ML fuses it at compile
+    time anyway)."""
+    from torch import nn
+
+    class UnfusedReLU(nn.Module):
+        def forward(self, x):
+            return nn.functional.relu(x)
+
+    names = [n for n, m in model.named_modules() if type(m) is nn.ReLU]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, UnfusedReLU())
+    return names
+
+
 def calibrate_w8a8(model, int8_layers: Sequence[str], batches, example, input_transform=None):
     """LinearQuantizer (W8A8) on ``model`` with only ``int8_layers`` quantized, calibrated on
     ``batches`` (numpy NCHW); returns (finalized FX model, per-layer input quantization, images)."""
@@ -246,6 +273,7 @@ def calibrate_w8a8(model, int8_layers: Sequence[str], batches, example, input_tr
     config = LinearQuantizerConfig(
         module_type_configs={t: None for t in _supported_module_types()},
         module_name_configs={name: layer_config for name in int8_layers},
+        non_traceable_module_names=unfuse_relus(model),
     )
     quantizer = LinearQuantizer(model, config)
     with warnings.catch_warnings():
@@ -450,8 +478,10 @@ class CoreMLConverter(Converter):
             input_type = ct.TensorType(name=INPUT_NAME, shape=shape, dtype=np.float32)
         report: Dict[str, Any] = {}
 
+        from crossvit_edge.crossvit import for_export
+
         source_model = ctx.calibration.model if precision == "int8" and ctx.calibration is not None else ctx.fp32_model
-        model = copy.deepcopy(source_model).eval()
+        model = for_export(source_model)  # a copy with the explicit attention graph
         transform = None
         if image_input:
             fold_input_std(model, pre.std)
@@ -550,7 +580,7 @@ class CoreMLConverter(Converter):
             }
         }
         log.info("wrote %s (%.1f MiB, opset %s)", name, report["package_bytes"] / 2**20, program.opset)
-        return Artifact(primary=name, runner="converters.coreml:CoreMLRunner", manifest=manifest, report=report, runnable_here=runnable)
+        return Artifact(primary=name, kind="mlpackage", manifest=manifest, report=report, runnable_here=runnable)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -111,12 +111,12 @@ def _xnn_classes():
 
 def stage_adapt(model):
     """A copy of ``model`` whose modules compute the same function in ops XNNPACK delegates."""
-    import copy
-
     import torch
 
+    from crossvit_edge.crossvit import for_export
+
     swaps = _xnn_classes()
-    adapted = copy.deepcopy(model).eval()
+    adapted = for_export(model)  # a copy; the attention classes are swapped below anyway
     for module in adapted.modules():
         if type(module) in swaps:
             module.__class__ = swaps[type(module)]
@@ -357,7 +357,7 @@ class ExecuTorchConverter(Converter):
             log.info("ops left on portable kernels: %s", report["portable_ops"])
         return Artifact(
             primary=name,
-            runner="converters.executorch:ExecuTorchRunner",
+            kind="pte",
             files=files,
             manifest={
                 "executorch": {

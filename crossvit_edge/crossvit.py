@@ -4,11 +4,16 @@ One file for the family, as in timm: a table of named configs, small modules, an
 foreign checkpoint keys. State dicts are interchangeable with timm's and IBM's. What differs from
 timm is what matters for export:
 
-* the 240->224 (408->384) bicubic resize of branch 1 is two constant matrix products
-  (``y = A x A^T``), built once at construction and kept out of the state dict, because
+* in the export form, the 240->224 (408->384) bicubic resize of branch 1 is two constant matrix
+  products (``y = A x A^T``), built once at construction and kept out of the state dict, because
   ``upsample_bicubic2d`` has no converter in Core ML, no XNNPACK delegate and no cubic Resize in
   several ONNX runtimes;
-* attention is a plain matmul-softmax-matmul (no fused SDPA), so every exporter sees the same graph;
+* eager mode is the fastest faithful form (the fp32 reference every artifact is compared with must
+  be as fast as timm's): fused ``scaled_dot_product_attention``, ``F.interpolate``, no casts; the
+  copy ``for_export`` returns is the export form (plain matmul-softmax-matmul attention, the resize
+  matrices), the graph every exporter and quantizer is given;
+* no casts in eager fp32; the export form computes LayerNorm and softmax in fp32 whatever the model's
+  dtype (no nodes in fp32 graphs, Cast nodes around them in fp16 ones);
 * ReLUs in the dagger stems are not in-place;
 * the input size is fixed; another size is a clear error instead of a silent resize;
 * no Python branches on tensor values, so ``torch.export`` succeeds in strict mode.
@@ -33,7 +38,9 @@ __all__ = [
     "resolve_name",
     "bicubic_resize_matrix",
     "filter_ibm_keys",
+    "for_export",
     "list_models",
+    "set_export_form",
 ]
 
 
@@ -149,10 +156,15 @@ def bicubic_resize_matrix(in_size: int, out_size: int) -> torch.Tensor:
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the model's dtype: a no-op for fp32 models, and in fp16
-    models (Core ML, TensorRT, ONNX fp16) it keeps the variance from overflowing."""
+    """LayerNorm that, in the export form (``cast_to_fp32``), is computed in fp32 whatever the model's
+    dtype: nothing in fp32 graphs, and in fp16 models (TensorRT, ONNX fp16) it keeps the variance
+    from overflowing. The eager fp32 model skips the (no-op) casts."""
+
+    cast_to_fp32 = False  # eager fp32: no casts; for_export turns the casts on (they vanish in fp32 graphs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cast_to_fp32:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
         return y.to(x.dtype)
 
@@ -160,6 +172,15 @@ class LayerNorm(nn.LayerNorm):
 def softmax_fp32(scores: torch.Tensor) -> torch.Tensor:
     """Softmax in fp32 (exported as Cast -> Softmax -> Cast in fp16 models; nothing in fp32 ones)."""
     return scores.float().softmax(dim=-1).to(scores.dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fused: bool) -> torch.Tensor:
+    """softmax(q k^T * scale) v over (B, heads, N, head_dim). ``fused``: one
+    ``scaled_dot_product_attention`` call (eager speed); else the explicit matmul-softmax-matmul
+    with the softmax in fp32, which is what exporters and quantizers are given (``for_export``)."""
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return torch.matmul(softmax_fp32(torch.matmul(q * scale, k.transpose(-2, -1))), v)
 
 
 class PatchEmbed(nn.Module):
@@ -183,13 +204,14 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention with an explicit matmul-softmax-matmul (no fused SDPA)."""
+    """Self-attention: fused SDPA in eager mode, matmul-softmax-matmul when ``fused_attn`` is off."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
+        self.fused_attn = True
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
@@ -197,8 +219,8 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = softmax_fp32(torch.matmul(q * self.scale, k.transpose(-2, -1)))
-        return self.proj(torch.matmul(attn, v).transpose(1, 2).reshape(b, n, c))
+        out = attend(q, k, v, self.scale, self.fused_attn)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
 class Mlp(nn.Module):
@@ -235,6 +257,9 @@ class CrossAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
+        # One query: PyTorch's CPU SDPA kernel is slower here than the two small matmuls (as timm
+        # computes it too), so eager mode keeps the explicit form.
+        self.fused_attn = False
         self.wq = nn.Linear(dim, dim, bias=True)
         self.wk = nn.Linear(dim, dim, bias=True)
         self.wv = nn.Linear(dim, dim, bias=True)
@@ -246,8 +271,8 @@ class CrossAttention(nn.Module):
         q = self.wq(x[:, 0:1]).reshape(b, 1, h, d).permute(0, 2, 1, 3)
         k = self.wk(x).reshape(b, n, h, d).permute(0, 2, 1, 3)
         v = self.wv(x).reshape(b, n, h, d).permute(0, 2, 1, 3)
-        attn = softmax_fp32(torch.matmul(q * self.scale, k.transpose(-2, -1)))
-        return self.proj(torch.matmul(attn, v).transpose(1, 2).reshape(b, 1, c))
+        out = attend(q, k, v, self.scale, self.fused_attn)
+        return self.proj(out.transpose(1, 2).reshape(b, 1, c))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -319,6 +344,9 @@ class CrossViT(nn.Module):
         self.register_buffer(
             "resize_matrix", bicubic_resize_matrix(config.img_size, config.scaled_size), persistent=False
         )
+        # Eager mode resizes with F.interpolate (faster on CPU than the two matmuls, and what timm
+        # runs); the export form (``for_export``) uses the matrices, which every backend runs.
+        self.resize_with_matrix = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -345,7 +373,10 @@ class CrossViT(nn.Module):
             )
 
     def resize_branch1(self, x: torch.Tensor) -> torch.Tensor:
-        """Bicubic 240->224 as ``A @ x @ A^T`` (two small MatMuls that every backend runs)."""
+        """Bicubic 240->224: ``A @ x @ A^T`` in the export form (two small MatMuls that every backend
+        runs), ``F.interpolate`` in eager mode (the same map to ~4e-6)."""
+        if not self.resize_with_matrix:
+            return F.interpolate(x, size=self.config.scaled_size, mode="bicubic", align_corners=False)
         a = self.resize_matrix
         return torch.matmul(torch.matmul(a, x), a.t())
 
@@ -372,6 +403,31 @@ def create_model(name: str, num_classes: int = 1000) -> CrossViT:
     """A randomly initialised model of the named variant (timm or IBM spelling)."""
     config = replace(CROSSVIT_CONFIGS[resolve_name(name)], num_classes=num_classes)
     return CrossViT(config).eval()
+
+
+def set_export_form(model: nn.Module, export: bool) -> nn.Module:
+    """Switch ``model`` (in place) between the eager form (fused SDPA self-attention, no casts, the
+    resize by ``F.interpolate``) and the export form (explicit attention, LayerNorm and softmax
+    computed in fp32 for fp16 models, the resize as matrices). Module attributes,
+    not branches on tensors or dtypes, so every tracer (torch.export, torch.fx, jit) sees one path."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fused_attn = not export
+        elif isinstance(m, LayerNorm):
+            m.cast_to_fp32 = export
+        elif isinstance(m, CrossViT):
+            m.resize_with_matrix = export
+    return model
+
+
+def for_export(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in export form: attention as matmul-softmax-matmul, LayerNorm and softmax
+    in fp32 when the model is cast to fp16, the resize as two matmuls, the graph the Q/DQ placement, the TensorRT checks, PT2E annotation and every
+    exporter are written against (an SDPA node would be decomposed differently by each, or, in
+    Core ML and ONNX fp16, run its softmax in fp16). Same parameters, same function."""
+    import copy
+
+    return set_export_form(copy.deepcopy(model), True).eval()
 
 
 def filter_ibm_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

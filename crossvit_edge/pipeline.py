@@ -19,7 +19,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .bundle import read_manifest, size_bytes, staged_bundle, write_json, write_manifest
+from .bundle import Bundle as Bundle  # noqa: F401 (re-exported with open_bundle)
+from .bundle import size_bytes, staged_bundle, write_json, write_manifest
+from .bundle import open_bundle as open_bundle  # the one way to open a bundle (validated, verified)
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .data import ImageSet, open_image_set
 from .errors import UserError
@@ -31,6 +33,26 @@ log = logging.getLogger(__name__)
 
 PLAN_FILE = "quant_plan.json"
 CHECK_FILE = "accuracy_check.json"
+
+# What the post-conversion check expects of an artifact against the fp32 model, by precision: the
+# least top-1 agreement and mean logit cosine, and (with labelled --eval-data) the largest top-1 drop
+# in points (--max-drop replaces it: the user's own budget). fp32 artifacts compute the same
+# function (only summation order differs); fp16 rounds every op; int8 clips and rounds activations.
+# A random-weight model has near-tied logits, so its agreement says little: the warning says so.
+CHECK_THRESHOLDS: Dict[str, Dict[str, float]] = {
+    "fp32": {"top1_agreement": 0.99, "cosine": 0.9999, "top1_drop_points": 0.5},
+    "fp16": {"top1_agreement": 0.98, "cosine": 0.999, "top1_drop_points": 1.0},
+    "int8-weights": {"top1_agreement": 0.95, "cosine": 0.99, "top1_drop_points": 2.0},
+    "int8": {"top1_agreement": 0.90, "cosine": 0.98, "top1_drop_points": 3.0},
+}
+CHECK_ADVICE = {
+    "fp32": "an fp32 artifact should compute the fp32 model's function: this is a converter bug, please report it with the manifest",
+    "fp16": "keep the precision-sensitive ops in fp32 (Core ML: fp32_ops layer_norm,softmax) or build fp32",
+    "int8-weights": "build fp16, or int8 with calibration",
+    "int8": ("calibrate on more, or more representative, images (--calib-data, --calib-samples), try another "
+             "--calib-method (entropy, percentile, mse, minmax) or --smooth-alpha 0.5, or return the most sensitive "
+             "layers to float with --max-drop POINTS --eval-data DIR"),
+}
 
 
 @dataclass
@@ -69,12 +91,15 @@ class ConversionContext:
         return self.calibration.plan if self.calibration else None
 
     def model_for_export(self) -> torch.nn.Module:
-        """fp32 model, or for int8 the plan applied as explicit Q/DQ to the calibrated model."""
+        """fp32 model, or for int8 the plan applied as explicit Q/DQ to the calibrated model, in
+        export form (``crossvit.for_export``: explicit attention graph, a copy)."""
+        from .crossvit import for_export
+
         if self.spec.precision == "int8" and self.calibration is not None:
             from calibration.qdq import apply_qdq
 
-            return apply_qdq(self.calibration.model, self.calibration.plan)
-        return self.fp32_model
+            return apply_qdq(for_export(self.calibration.model), self.calibration.plan, inplace=True)
+        return for_export(self.fp32_model)
 
     def calibration_batches(self, batch_size: Optional[int] = None):
         """The calibration images, preprocessed, in the recorded fixed batch size."""
@@ -199,7 +224,7 @@ def run_batched(runner, images: np.ndarray) -> np.ndarray:
 
 def stage_check(ctx: ConversionContext, bundle_dir: Path, artifact, manifest: Dict[str, Any]) -> Dict[str, Any]:
     """Run the artifact (or its runnable stand-in) on held-out images against the fp32 model."""
-    from converters.base import load_runner_class
+    from converters.base import runner_class
 
     images, labels = load_eval_images(ctx)
     source = "eval images"
@@ -213,12 +238,12 @@ def stage_check(ctx: ConversionContext, bundle_dir: Path, artifact, manifest: Di
             source = "random inputs (no --eval-data)"
     reference = reference_logits(ctx.fp32_model, images)
     if artifact.runnable_here:
-        runner_spec, file = artifact.runner, artifact.primary
+        kind, file = artifact.kind, artifact.primary
     elif artifact.check_with:
-        runner_spec, file = "converters.onnx:OnnxRuntimeRunner", artifact.check_with
+        kind, file = "onnx", artifact.check_with
     else:
         return {"skipped": "the artifact cannot run on this host and has no runnable stand-in"}
-    runner = load_runner_class(runner_spec)(bundle_dir, manifest, artifact=file)
+    runner = runner_class(kind)(bundle_dir, manifest, artifact=file)
     try:
         logits = run_batched(runner, images)
         desc = runner.description
@@ -226,7 +251,35 @@ def stage_check(ctx: ConversionContext, bundle_dir: Path, artifact, manifest: Di
         runner.close()
     result = compare_logits(logits, reference, labels)
     result.update(images_source=source, runner=desc, file=file)
+    result.update(judge_check(result, ctx.spec.precision, ctx.spec.max_drop))
     return result
+
+
+def judge_check(check: Dict[str, Any], precision: str, max_drop: Optional[float] = None) -> Dict[str, Any]:
+    """The check's verdict against ``CHECK_THRESHOLDS[precision]``: ``passed``, the ``thresholds``
+    applied, and one ``warnings`` line per number out of bounds, ending with what to try."""
+    limits = dict(CHECK_THRESHOLDS.get(precision, CHECK_THRESHOLDS["int8"]))
+    if max_drop is not None:
+        limits["top1_drop_points"] = float(max_drop)
+    failures = []
+    for key in ("top1_agreement", "cosine"):
+        value = check.get(key)
+        if value is not None and not (value >= limits[key]):  # NaN fails
+            failures.append(f"{key} {value:.4f} < {limits[key]}")
+    if check.get("top1_drop") is not None:
+        drop = 100.0 * check["top1_drop"]
+        if not drop <= limits["top1_drop_points"]:
+            failures.append(f"top-1 drop {drop:.2f} points > {limits['top1_drop_points']:g}")
+    else:
+        limits.pop("top1_drop_points")  # no labels: not judged
+    warnings = []
+    if failures:
+        warnings.append(
+            f"post-conversion check FAILED for {precision} on {check.get('images')} {check.get('images_source', 'images')}: "
+            f"{'; '.join(failures)} (against the fp32 model). Try: {CHECK_ADVICE.get(precision, CHECK_ADVICE['int8'])}. "
+            f"(A random-weight model has near-tied logits, so its agreement says little; judge a trained one.)"
+        )
+    return {"passed": not failures, "thresholds": limits, "warnings": warnings}
 
 
 def _versions() -> Dict[str, str]:
@@ -272,6 +325,8 @@ def convert(spec: BuildSpec) -> Dict[str, Any]:
         ctx.timings["check_s"] = time.time() - t
         write_json(stage / CHECK_FILE, check)
         manifest["accuracy_check"] = check
+        for warning in check.get("warnings", []):
+            log.warning("WARNING: %s", warning)
         manifest["timings"] = {k: round(v, 2) for k, v in ctx.timings.items()}
         manifest = write_manifest(stage, manifest)
     log.info("wrote %s in %.1f s", spec.output, time.time() - t0)
@@ -294,21 +349,13 @@ def base_manifest(ctx: ConversionContext, artifact, stage: Path) -> Dict[str, An
         "input": {"name": "image", "shape": [spec.batch_size, 3, size, size], "dtype": "float32", "layout": "NCHW"},
         "output": {"name": "logits", "shape": [spec.batch_size, ctx.checkpoint.num_classes], "dtype": "float32"},
         "preprocessing": ctx.preprocessing.to_dict(),
-        "artifact": {"file": artifact.primary, "runner": artifact.runner, "bytes": size_bytes(stage / artifact.primary)},
+        "artifact": {"file": artifact.primary, "kind": artifact.kind, "bytes": size_bytes(stage / artifact.primary)},
         "build": spec.to_dict(),
         "calibration": ctx.calibration.settings if ctx.calibration else None,
         "quantization_plan": ctx.calibration.plan.to_dict() if ctx.calibration else None,
         "versions": _versions(),
     }
     if artifact.check_with:
-        manifest["artifact"]["stand_in"] = {"file": artifact.check_with, "runner": "converters.onnx:OnnxRuntimeRunner"}
+        manifest["artifact"]["stand_in"] = {"file": artifact.check_with, "kind": "onnx"}
     manifest.update(artifact.manifest)
     return manifest
-
-
-def open_bundle(path: Path):
-    """(manifest, runner class) of a bundle folder."""
-    from converters.base import load_runner_class
-
-    manifest = read_manifest(path)
-    return manifest, load_runner_class(manifest["artifact"]["runner"])

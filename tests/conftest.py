@@ -61,6 +61,30 @@ def micro_config():
     return replace(CROSSVIT_CONFIGS["crossvit_tiny_240"], name=MICRO_MODEL, depth=(1, 1), num_multiscale_blocks=1, num_classes=10)
 
 
+MICRO_DAGGER_MODEL = "crossvit_micro_dagger_test_240"
+MICRO_DAGGER_408_MODEL = "crossvit_micro_dagger_test_408"
+
+
+def micro_configs():
+    """Every micro test config by name: the micro model, and the same shapes with the dagger
+    (three-conv) stems at 240 and at 408 input (branch 1 resized 408 -> 384, crop_pct 1.0), for the
+    variant paths the plain micro model does not take. Tests only."""
+    from dataclasses import replace
+
+    from crossvit_edge.crossvit import CROSSVIT_CONFIGS
+
+    micro = micro_config()
+    dagger_408 = CROSSVIT_CONFIGS["crossvit_15_dagger_408"]
+    return {
+        MICRO_MODEL: micro,
+        MICRO_DAGGER_MODEL: replace(micro, name=MICRO_DAGGER_MODEL, dagger=True),
+        MICRO_DAGGER_408_MODEL: replace(
+            micro, name=MICRO_DAGGER_408_MODEL, dagger=True, img_size=dagger_408.img_size,
+            scaled_size=dagger_408.scaled_size, crop_pct=dagger_408.crop_pct,
+        ),
+    }
+
+
 def run_cli(module: str, *args: str, cwd=None, micro=False):
     """Run ``python -m module args`` and return the CompletedProcess (text). ``micro``: the same
     module run as ``__main__`` by tests/micro_cli.py, which first adds the micro config to the
@@ -79,17 +103,19 @@ def micro_model_registered():
     from crossvit_edge.crossvit import CROSSVIT_CONFIGS
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(CROSSVIT_CONFIGS, MICRO_MODEL, micro_config())
+        for name, config in micro_configs().items():
+            mp.setitem(CROSSVIT_CONFIGS, name, config)
         yield MICRO_MODEL
 
 
-def make_micro_checkpoint(path: Path, seed: int = 0, **metadata) -> Path:
-    """A random-weight micro CrossViT (10 classes) saved as safetensors; needs micro_model_registered."""
+def make_micro_checkpoint(path: Path, seed: int = 0, model: str = MICRO_MODEL, **metadata) -> Path:
+    """A random-weight micro CrossViT (10 classes; ``model`` one of ``micro_configs()``) saved as
+    safetensors; needs micro_model_registered."""
     from crossvit_edge.checkpoint import save_checkpoint
     from crossvit_edge.crossvit import CrossViT
 
     torch.manual_seed(seed)
-    save_checkpoint(CrossViT(micro_config()).state_dict(), path, {"model": MICRO_MODEL, **metadata})
+    save_checkpoint(CrossViT(micro_configs()[model]).state_dict(), path, {"model": model, **metadata})
     return path
 
 

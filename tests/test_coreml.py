@@ -23,7 +23,7 @@ from crossvit_edge.pipeline import convert, reference_logits, run_batched  # noq
 from crossvit_edge.preprocess import Preprocessing  # noqa: E402
 from crossvit_edge.spec import BuildSpec, CalibrationSettings  # noqa: E402
 
-from .conftest import MICRO_MODEL, make_micro_checkpoint, run_cli  # noqa: E402
+from .conftest import MICRO_DAGGER_MODEL, MICRO_MODEL, make_micro_checkpoint, run_cli  # noqa: E402
 
 LABELS = [f"digit {i}" for i in range(10)]
 
@@ -185,18 +185,10 @@ def test_int8_weights_close_to_fp32_and_small(int8_weights, fp32, images, refere
     assert package_bytes(runner.artifact_path) < 0.35 * package_bytes(fp32 / read_manifest(fp32)["artifact"]["file"])
 
 
-def test_w8a8_follows_the_plan_and_stays_close(w8a8, fp32, images, reference):
-    runner, manifest = _runner(w8a8)
-    got = run_batched(runner, images)
-    assert _cosine(got, reference).min() > 0.99
-    assert (got.argmax(1) == reference.argmax(1)).mean() >= 4 / 6
-    program, _ = _program(w8a8)
-    assert program.opset == "CoreML7" and manifest["coreml"]["minimum_deployment_target"] == "iOS17"
-    plan_layers = {l["name"] for l in manifest["quantization_plan"]["layers"] if l["precision"] == "int8"}
-    report = _report(w8a8)
-    assert set(report["w8a8"]["input_quantization"]) == plan_layers
-    assert report["int8_ops"] == {"constexpr_affine_dequantize": len(plan_layers), "dequantize": report["op_counts"]["quantize"], "quantize": report["op_counts"]["quantize"]}
-
+def _assert_int8_exactly_on_plan_layers(program, manifest, model) -> set:
+    """int8 weights on exactly the plan's int8 layers, float weights elsewhere, and every activation
+    quantize -> dequantize pair feeding only those layers (LayerNorm, softmax, GELU, ReLU, residual
+    adds and concatenations stay float). Returns the names of the int8 linear / conv ops."""
     producer = {name: op for op in program.ops for name, _ in op.outputs}
     consumers = {}
     for op in program.ops:
@@ -206,7 +198,6 @@ def test_w8a8_follows_the_plan_and_stays_close(w8a8, fp32, images, reference):
                     consumers.setdefault(ref, []).append(op)
     # int8 weights feed exactly the plan's layers: the same number of layers of each weight shape
     # (op names do not survive conversion, shapes do), and the float layers keep float weights
-    model = load_checkpoint(manifest["build"]["checkpoint"]).model
     modules = dict(model.named_modules())
     plan = manifest["quantization_plan"]["layers"]
     want_int8 = sorted(tuple(modules[l["name"]].weight.shape) for l in plan if l["precision"] == "int8")
@@ -231,10 +222,49 @@ def test_w8a8_follows_the_plan_and_stays_close(w8a8, fp32, images, reference):
             assert dq.type == "dequantize"
             users = consumers[dq.outputs[0][0]]
             assert users and all(u.type in ("linear", "conv") and u.name in int8_weight_layers for u in users), op.name
+    return int8_weight_layers
+
+
+def test_w8a8_follows_the_plan_and_stays_close(w8a8, fp32, images, reference):
+    runner, manifest = _runner(w8a8)
+    got = run_batched(runner, images)
+    assert _cosine(got, reference).min() > 0.99
+    assert (got.argmax(1) == reference.argmax(1)).mean() >= 4 / 6
+    program, _ = _program(w8a8)
+    assert program.opset == "CoreML7" and manifest["coreml"]["minimum_deployment_target"] == "iOS17"
+    plan_layers = {l["name"] for l in manifest["quantization_plan"]["layers"] if l["precision"] == "int8"}
+    report = _report(w8a8)
+    assert set(report["w8a8"]["input_quantization"]) == plan_layers
+    assert report["int8_ops"] == {"constexpr_affine_dequantize": len(plan_layers), "dequantize": report["op_counts"]["quantize"], "quantize": report["op_counts"]["quantize"]}
+
+    model = load_checkpoint(manifest["build"]["checkpoint"]).model
+    _assert_int8_exactly_on_plan_layers(program, manifest, model)
     # one quantization per distinct input: wk and wv of each fusion share theirs
     assert report["op_counts"]["quantize"] < len(plan_layers)
     ratio = _weight_bytes(runner.artifact_path) / _weight_bytes(fp32 / read_manifest(fp32)["artifact"]["file"])
     assert abs(ratio - _expected_size_ratio(model, plan_layers)) < 0.02, ratio
+
+
+def test_w8a8_dagger_stems_follow_the_plan(tmp_path_factory, digits_dir, micro_model_registered):
+    """The dagger (three-conv) stems: LinearQuantizer would fuse conv + ReLU and then fail on the
+    fused module ("qconfig must be provided for QAT module"); every stem conv is a plan layer with
+    an int8 weight and an int8 input, the ReLUs stay float, and the program stays close to fp32."""
+    ckpt = make_micro_checkpoint(tmp_path_factory.mktemp("dagger") / "dagger.safetensors", model=MICRO_DAGGER_MODEL)
+    bundle = _build(tmp_path_factory, ckpt, digits_dir, "int8")
+    runner, manifest = _runner(bundle)
+    model = load_checkpoint(ckpt).model
+    images = open_image_set(digits_dir / "val").sample(4, seed=0).load(Preprocessing()).astype(np.float32)
+    got, want = run_batched(runner, images), reference_logits(model, images)
+    assert _cosine(got, want).min() > 0.99
+    stem = {l["name"] for l in manifest["quantization_plan"]["layers"] if l["name"].startswith("patch_embed.") and l["precision"] == "int8"}
+    assert stem == {f"patch_embed.{b}.proj.{i}" for b in (0, 1) for i in (0, 2, 4)}
+    assert stem <= set(_report(bundle)["w8a8"]["input_quantization"])
+    program, _ = _program(bundle)
+    int8_ops = _assert_int8_exactly_on_plan_layers(program, manifest, model)
+    convs = [op for op in program.ops if op.type == "conv"]
+    assert len(convs) == 6 and all(op.name in int8_ops for op in convs)
+    assert program.op_counts().get("relu") == 4
+    assert manifest["accuracy_check"]["passed"] is True
 
 
 def test_harness_scores_the_checker_on_a_class_balanced_sample(fp32, digits_dir, checkpoint):
@@ -350,7 +380,7 @@ def test_unknown_op_is_a_clear_error(tmp_path):
     with pytest.raises(UnsupportedMILOp, match="'sin'") as e:
         program.run({"x": np.zeros((2, 3), np.float32)})
     assert isinstance(e.value, UserError) and "\n" not in str(e.value) and e.value.op_type == "sin"
-    manifest = {"artifact": {"file": "sin.mlpackage"}, "input": {"shape": [2, 3]}, "preprocessing": {}}
+    manifest = {"artifact": {"file": "sin.mlpackage"}, "input": {"shape": [2, 3]}, "preprocessing": Preprocessing().to_dict()}
     with pytest.raises(UnsupportedMILOp):
         CoreMLRunner(tmp_path, manifest, backend="checker")
 

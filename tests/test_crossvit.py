@@ -10,9 +10,13 @@ import torch.nn.functional as F
 from crossvit_edge.crossvit import (
     CROSSVIT_CONFIGS,
     IBM_ALIASES,
+    Attention,
+    CrossAttention,
+    LayerNorm,
     bicubic_resize_matrix,
     create_model,
     filter_ibm_keys,
+    for_export,
     resolve_name,
 )
 from crossvit_edge.errors import UserError
@@ -124,12 +128,42 @@ def test_param_counts_match_the_table():
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE or n not in ("crossvit_tiny_240", "crossvit_9_dagger_240") else n for n in CROSSVIT_CONFIGS])
 def test_strict_export_has_no_upsample(name):
+    """The export form (what every converter is given) has neither the bicubic resize nor fused
+    attention, and computes what the eager model (fused SDPA) computes."""
     model = create_model(name, num_classes=10)
     size = model.config.img_size
-    ep = torch.export.export(model, (torch.zeros(1, 3, size, size),), strict=True)
+    ep = torch.export.export(for_export(model), (torch.zeros(1, 3, size, size),), strict=True)
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert not any("upsample" in t or "interpolate" in t for t in targets), targets
     assert not any("scaled_dot_product" in t for t in targets), targets
+    assert sum("softmax" in t for t in targets) >= 1, targets
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         assert torch.allclose(ep.module()(x), model(x), atol=1e-5)
+
+
+def test_eager_model_runs_fused_attention_and_export_form_does_not():
+    """Eager mode calls scaled_dot_product_attention in every self-attention module, the export form
+    never; the model itself is left in eager form, and both compute the same function."""
+    model = create_model("crossvit_tiny_240", num_classes=10)
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    n_attention = sum(isinstance(m, Attention) for m in model.modules())
+    x = torch.randn(2, 3, 240, 240)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "scaled_dot_product_attention", counting)
+        eager = model(x)
+        assert len(calls) == n_attention == 3 * (1 + 4)  # self-attention; the one-query cross-attention stays explicit
+        calls.clear()
+        exported_form = for_export(model)(x)
+        assert calls == []
+    assert all(m.fused_attn for m in model.modules() if isinstance(m, Attention))
+    assert not any(m.fused_attn for m in model.modules() if isinstance(m, CrossAttention))
+    assert not any(m.cast_to_fp32 for m in model.modules() if isinstance(m, LayerNorm))
+    assert not model.resize_with_matrix and for_export(model).resize_with_matrix
+    assert (eager - exported_form).abs().max().item() <= 1e-5

@@ -20,7 +20,7 @@ from crossvit_edge.pipeline import convert, reference_logits, run_batched  # noq
 from crossvit_edge.preprocess import Preprocessing  # noqa: E402
 from crossvit_edge.spec import BuildSpec, CalibrationSettings  # noqa: E402
 
-from .conftest import demo_int8_acceptance, run_cli  # noqa: E402
+from .conftest import MICRO_DAGGER_408_MODEL, demo_int8_acceptance, make_micro_checkpoint, run_cli  # noqa: E402
 
 
 def _build(tmp, ckpt, precision, digits_dir=None, samples=32, eval_samples=16, **options):
@@ -142,6 +142,25 @@ def test_int8_follows_the_plan(tmp_path, micro_checkpoint, digits_dir):
     fp32 = reference_logits(load_checkpoint(micro_checkpoint).model, x)
     got = run_batched(_runner(bundle), x)
     assert got.shape == fp32.shape and not np.allclose(got, fp32, atol=1e-6)  # it is really quantized
+
+
+def test_int8_dagger_stems_follow_the_plan(tmp_path, digits_dir, micro_model_registered):
+    """The dagger (three-conv) stems in PT2E, on the 408 input path (branch 1 resized 408 -> 384):
+    every stem conv carries an int8 weight and an int8 input, the ReLUs between them run in float
+    and their outputs are quantized only as the next conv's input (never fused into a layer the plan
+    did not choose), all in one XNNPACK delegate. (tests/test_matrix.py leaves this cell to here.)"""
+    ckpt = make_micro_checkpoint(tmp_path / "dagger.safetensors", model=MICRO_DAGGER_408_MODEL)
+    bundle = _build(tmp_path, ckpt, "int8", digits_dir, samples=16, eval_samples=8)
+    report = json.loads((bundle / "executorch_report.json").read_text())
+    assert report["delegate_calls"] == 1 and report["portable_op_count"] == 0, report
+    plan = json.loads((bundle / "quant_plan.json").read_text())["layers"]
+    int8 = sorted(l["name"] for l in plan if l["precision"] == "int8")
+    stem = [f"patch_embed.{b}.proj.{i}" for b in (0, 1) for i in (0, 2, 4)]
+    assert set(stem) <= set(int8) and report["quantization"]["int8_layers"] == int8
+    produced = report["quantization"]["quantized_outputs_by_op"]
+    assert produced.get("relu.default") == 4 and "cat.default" not in produced, produced
+    check = read_manifest(bundle)["accuracy_check"]
+    assert check["cosine"] >= 0.99 and check["passed"] is True, check
 
 
 @pytest.mark.slow
