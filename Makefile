@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first, from the wheels this workplace keeps on disk (torchvision is needed by timm).
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev]'
+	# system packages of the C++ example (examples/executorch_cpp): apt-get as root, else a note
+	bash scripts/install_cpp_deps.sh
 	touch $(STAMP)
 
 install: $(STAMP)

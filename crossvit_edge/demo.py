@@ -18,7 +18,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .cli_common import run_cli, setup_logging
+from .cli_common import require_convert_extra, run_cli, setup_logging
 
 PROG = "crossvit_edge.demo"
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> int:
+        require_convert_extra()
         from .data import write_digits_imagefolder
         from .device_profiles import load_profile
         from .harness import ProfileSettings, markdown_report, plot_report, profile_bundles

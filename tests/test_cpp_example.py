@@ -1,0 +1,281 @@
+"""The C++ example (examples/executorch_cpp, ``crossvit_classify``), built by the project's own script
+against the installed executorch package and run on an ExecuTorch int8 bundle: the same
+preprocessing as the Python runtime (bit for bit), logits within 1e-3 on the same preprocessed
+input, the same top-1, a results file that ``profile --merge`` scores like the executorch row, and
+one-line refusals of bad input and hostile bundles.
+
+Fast tests use the micro model; the slow test is the done-criterion on the demo model's
+executorch-int8 bundle over the 360 digits val images."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("executorch")
+
+from crossvit_edge.data import open_image_set  # noqa: E402
+from crossvit_edge.pipeline import convert  # noqa: E402
+from crossvit_edge.spec import BuildSpec, CalibrationSettings  # noqa: E402
+
+from .conftest import REPO  # noqa: E402
+
+BUILD_SCRIPT = REPO / "scripts" / "build_cpp_example.sh"
+BUILD_DIR = REPO / "build" / "executorch_cpp"  # kept between runs: rebuilds are incremental
+
+if shutil.which("cmake") is None or not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+    pytest.skip("the C++ example needs CMake and a C++17 compiler, and this machine has no "
+                f"{'cmake' if shutil.which('cmake') is None else 'C++ compiler'}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def app() -> Path:
+    """The example built exactly as a user builds it (scripts/build_cpp_example.sh)."""
+    t = time.time()
+    done = subprocess.run(["bash", str(BUILD_SCRIPT), str(BUILD_DIR)], capture_output=True, text=True, cwd=REPO, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    print(f"built the C++ example in {time.time() - t:.1f} s")
+    path = Path(done.stdout.strip().splitlines()[-1])
+    path = path if path.is_absolute() else REPO / path
+    assert path.is_file() and os.access(path, os.X_OK)
+    return path
+
+
+def _build(out: Path, checkpoint, digits_dir: Path, calib_samples: int = 32, eval_samples: int = 16, precision: str = "int8",
+           batch_size: int = 1) -> Path:
+    spec = BuildSpec(target="executorch", output=out, precision=precision, checkpoint=str(checkpoint), batch_size=batch_size,
+                     calibration=CalibrationSettings(data=digits_dir / "train", samples=calib_samples),
+                     eval_data=digits_dir / "val", eval_samples=eval_samples, overwrite=True)
+    convert(spec)
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory, micro_checkpoint, digits_dir) -> Path:
+    return _build(tmp_path_factory.mktemp("cpp") / "executorch-int8", micro_checkpoint, digits_dir)
+
+
+def run_app(app: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(app), *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def compare_with_python_runtime(app: Path, bundle: Path, val_dir: Path, tmp: Path) -> dict:
+    """Run the app over ``val_dir`` and the Python runtime over the same images; assert the
+    done-criteria and return the numbers."""
+    from crossvit_edge.runtime import load
+
+    images = open_image_set(val_dir)
+    keys = [p.relative_to(val_dir).as_posix() for p in images.paths]
+    results = tmp / "results.json"
+    done = run_app(app, bundle, val_dir, "--dump-input", tmp / "cpp_input.npy", "--results", results, "--bench", 5, "--warmup", 1)
+
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(images), "one line per image"
+    cpp_top1 = {}
+    with load(bundle, threads=2) as model:
+        for line in lines:
+            path, label, probability = line.split("\t")
+            assert label in model.labels and 0.0 < float(probability) <= 1.0
+            cpp_top1[Path(path).resolve().relative_to(val_dir.resolve()).as_posix()] = label
+        # the same preprocessing: the app's tensors against crossvit_edge.preprocess (Pillow + numpy)
+        x = model.preprocess(images.paths)
+        report = json.loads(results.read_text())
+        order = [report["images"].index(k) for k in keys]
+        cpp_x = np.load(tmp / "cpp_input.npy")[order]
+        preprocess_diff = float(np.abs(cpp_x - x).max())
+        assert preprocess_diff <= 1e-6, preprocess_diff
+
+        # the same program on the same preprocessed input: the app's logits against the Python runtime's
+        np.save(tmp / "x.npy", x)
+        run_app(app, bundle, "--input-npy", tmp / "x.npy", "--logits-npy", tmp / "cpp_logits.npy")
+        py_logits = model.logits(x)
+        logit_diff = float(np.abs(np.load(tmp / "cpp_logits.npy") - py_logits).max())
+        assert logit_diff <= 1e-3, logit_diff
+
+        # top-1 from the app's own decoding and preprocessing, against the runtime's classify()
+        py_top1 = [top[0][0] for top in model.classify(images.paths)]
+        agreement = float(np.mean([cpp_top1[k] == t for k, t in zip(keys, py_top1)]))
+        assert agreement >= 0.99, agreement
+        # and the results file carries the same logits, keyed like the harness's images
+        results_diff = float(np.abs(np.asarray(report["logits"], np.float32)[order] - py_logits).max())
+        assert results_diff <= 1e-3, results_diff
+    numbers = {"images": len(images), "top1_agreement_cpp_vs_python": agreement, "max_logit_diff_same_input": logit_diff,
+               "max_logit_diff_own_preprocessing": results_diff, "max_preprocess_diff": preprocess_diff,
+               "cpp_latency": report["latency"], "device": report["device"]}
+    print(numbers)
+    return numbers
+
+
+def merged_agreement_matches(bundle: Path, results: Path, val_dir: Path, checkpoint) -> dict:
+    """The app's results file merged into a profile of the same images: its agreement with the fp32
+    reference matches the executorch row's within one image."""
+    from crossvit_edge.checkpoint import load_checkpoint
+    from crossvit_edge.harness import ProfileSettings, profile_bundles
+    from crossvit_edge.preprocess import Preprocessing
+
+    images = open_image_set(val_dir)
+    model = load_checkpoint(str(checkpoint)).model
+    pre = Preprocessing(model.config.img_size, model.config.crop_pct)
+    data = json.loads(results.read_text())
+    report = profile_bundles([bundle], images, pre, model, ProfileSettings(runs=2, warmup=0, threads=2), merged=[data])
+    rows = {r["runner"]: r for r in report["rows"]}
+    python_row = next(r for r in report["rows"] if r["target"] == "executorch" and "crossvit_classify" not in r["runner"])
+    cpp_row = next(r for r in report["rows"] if "crossvit_classify" in r["runner"])
+    assert cpp_row["name"] == bundle.name and cpp_row["precision"] == "int8", rows.keys()
+    difference = abs(cpp_row["accuracy"]["top1_agreement"] - python_row["accuracy"]["top1_agreement"]) * len(images)
+    assert difference <= 1.0 + 1e-9, (cpp_row["accuracy"], python_row["accuracy"])
+    assert cpp_row["latency"]["runs"] == 5 and cpp_row["latency"]["p50_ms"] > 0
+    out = {"cpp_agreement": cpp_row["accuracy"]["top1_agreement"], "python_agreement": python_row["accuracy"]["top1_agreement"]}
+    print(out)
+    return out
+
+
+def test_cpp_app_matches_the_python_runtime(app, int8_bundle, digits_dir, tmp_path):
+    compare_with_python_runtime(app, int8_bundle, digits_dir / "val", tmp_path)
+
+
+def test_cpp_results_file_merges_into_a_profile(app, int8_bundle, digits_dir, micro_checkpoint, tmp_path):
+    val = digits_dir / "val" / "3"  # one class folder: a quick profile
+    run_app(app, int8_bundle, val, "--results", tmp_path / "results.json", "--bench", 5, "--warmup", 1)
+    merged_agreement_matches(int8_bundle, tmp_path / "results.json", val, micro_checkpoint)
+
+
+def test_cpp_preprocessing_of_other_image_kinds_matches_pillow(app, int8_bundle, tmp_path):
+    """PNG colour types (RGBA, palette, grey, 16-bit grey, 1-bit), JPEG (colour and grey), odd sizes
+    in both directions: the app's tensors against crossvit_edge.preprocess."""
+    from PIL import Image
+
+    from crossvit_edge.runtime import load
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "kinds"
+    folder.mkdir()
+    rgb = rng.integers(0, 256, (91, 37, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "a_rgb_tall.png")
+    Image.fromarray(rng.integers(0, 256, (300, 420, 4), dtype=np.uint8), "RGBA").save(folder / "b_rgba_wide.png")
+    Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=17).save(folder / "c_palette.png")
+    Image.fromarray(rng.integers(0, 256, (50, 50), dtype=np.uint8), "L").save(folder / "d_grey.png")
+    Image.fromarray(rng.integers(0, 600, (33, 40), dtype=np.uint16)).save(folder / "e_grey16.png")
+    Image.fromarray(rng.integers(0, 2, (20, 24), dtype=np.uint8) * 255, "L").convert("1").save(folder / "f_bilevel.png")
+    Image.fromarray(rng.integers(0, 256, (275, 274, 3), dtype=np.uint8)).save(folder / "g_colour.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (64, 80), dtype=np.uint8), "L").save(folder / "h_grey.jpeg", quality=85)
+    paths = sorted(folder.iterdir())
+    run_app(app, int8_bundle, *paths, "--dump-input", tmp_path / "x.npy")
+    with load(int8_bundle) as model:
+        expected = model.preprocess(paths)
+    got = np.load(tmp_path / "x.npy")
+    for path, e, g in zip(paths, expected, got):
+        diff = float(np.abs(e - g).max())
+        # PNG: the same pixels; JPEG: libjpeg-turbo here and in Pillow's wheel may differ by a level
+        limit = 1e-6 if path.suffix == ".png" else 1.01 / 255 / 0.224
+        assert diff <= limit, (path.name, diff)
+
+
+def test_cpp_static_batch_keeps_order_and_pads(app, micro_checkpoint, digits_dir, tmp_path):
+    """A program with a static batch of 2 and an odd number of images: the last batch is padded and
+    every image's logits are its own, in order (against the Python runtime)."""
+    from crossvit_edge.runtime import load
+
+    bundle = _build(tmp_path / "executorch-fp32-b2", micro_checkpoint, digits_dir, precision="fp32", batch_size=2, eval_samples=4)
+    paths = open_image_set(digits_dir / "val").sample(5, seed=3).paths
+    run_app(app, bundle, *paths, "--dump-input", tmp_path / "x.npy")
+    run_app(app, bundle, "--input-npy", tmp_path / "x.npy", "--logits-npy", tmp_path / "y.npy")
+    with load(bundle) as model:
+        assert model.batch_size == 2
+        one_by_one = np.concatenate([model.logits(model.preprocess(p)) for p in paths])
+    got = np.load(tmp_path / "y.npy")
+    assert got.shape == (5, 10) and float(np.abs(got - one_by_one).max()) <= 1e-4
+
+
+def _copy_bundle(bundle: Path, tmp: Path, edit=None) -> Path:
+    out = tmp / f"bundle{len(list(tmp.iterdir()))}"
+    shutil.copytree(bundle, out)
+    if edit:
+        manifest = json.loads((out / "manifest.json").read_text())
+        edit(manifest, out)
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_cpp_bad_input_is_one_line_and_exit_2(app, int8_bundle, digits_dir, tmp_path):
+    image = next((digits_dir / "val" / "3").iterdir())
+    not_image = tmp_path / "text.png"
+    not_image.write_text("not an image")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(image.read_bytes()[:60])
+    from PIL import Image
+
+    jpeg = tmp_path / "truncated.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    art = json.loads((int8_bundle / "manifest.json").read_text())["artifact"]["file"]
+    outside = tmp_path / "outside.pte"
+    shutil.copy(int8_bundle / art, outside)
+
+    def flip_a_byte(m, out):
+        data = bytearray((out / art).read_bytes())
+        data[len(data) // 2] ^= 1
+        (out / art).write_bytes(bytes(data))
+
+    def symlink_out(m, out):
+        (out / art).unlink()
+        (out / art).symlink_to(outside)
+
+    def not_a_program(m, out):  # a hostile bundle can list the right sha256 for any bytes
+        junk = b"\0\0\0\0ET12" + bytes(range(256)) * 64
+        (out / art).write_bytes(junk)
+        m["files"][art] = {"sha256": hashlib.sha256(junk).hexdigest(), "bytes": len(junk)}
+
+    def deep(m, out):
+        m["labels"] = json.loads("[" * 200 + "]" * 200)
+
+    cases = {
+        "no such image": (int8_bundle, [tmp_path / "missing.png"]),
+        "not an image": (int8_bundle, [not_image]),
+        "truncated PNG": (int8_bundle, [truncated]),
+        "truncated JPEG": (int8_bundle, [jpeg]),
+        "not a bundle": (tmp_path, [image]),
+        "modified program": (_copy_bundle(int8_bundle, bundles, flip_a_byte), [image]),
+        "not a program, listed with its sha256": (_copy_bundle(int8_bundle, bundles, not_a_program), [image]),
+        "path out of the bundle": (_copy_bundle(int8_bundle, bundles, lambda m, o: m["artifact"].update(file="../" + art)), [image]),
+        "absolute path": (_copy_bundle(int8_bundle, bundles, lambda m, o: m["artifact"].update(file=str(outside))), [image]),
+        "symlink out of the bundle": (_copy_bundle(int8_bundle, bundles, symlink_out), [image]),
+        "not listed in files": (_copy_bundle(int8_bundle, bundles, lambda m, o: m["files"].pop(art)), [image]),
+        "label with a tab": (_copy_bundle(int8_bundle, bundles, lambda m, o: m.update(labels=["a\tb"] + [str(i) for i in range(1, 10)])), [image]),
+        "labels of the wrong count": (_copy_bundle(int8_bundle, bundles, lambda m, o: m.update(labels=["a"])), [image]),
+        "nested too deep": (_copy_bundle(int8_bundle, bundles, deep), [image]),
+        "huge batch": (_copy_bundle(int8_bundle, bundles, lambda m, o: m["input"].update(shape=[10**9, 3, 240, 240])), [image]),
+        "wrong preprocessing": (_copy_bundle(int8_bundle, bundles, lambda m, o: m["preprocessing"].update(std=[0.2, 0.0, 0.2])), [image]),
+        "other schema": (_copy_bundle(int8_bundle, bundles, lambda m, o: m.update(schema_version=99)), [image]),
+        "manifest batch differs from the program": (
+            _copy_bundle(int8_bundle, bundles, lambda m, o: (m["input"].update(shape=[2, 3, 240, 240]), m["output"].update(shape=[2, 10]))), [image]),
+    }
+    for name, (bundle, args) in cases.items():
+        done = run_app(app, bundle, *args, check=False)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("crossvit_classify: error:"), (name, done.returncode, done.stderr)
+        assert done.stdout == "", name
+    for flags in (["--top-k", "0"], ["--bench", "3"], ["--frobnicate"], ["--input-npy", image]):
+        done = run_app(app, int8_bundle, image, *flags, check=False)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, (flags, done.stderr)
+
+
+@pytest.mark.slow
+def test_cpp_app_on_the_demo_int8_bundle_over_the_digits_val_split(app, demo_checkpoint, digits_dir, tmp_path):
+    """The done-criterion: the demo model's executorch-int8 bundle (converted as the demo does, ~6
+    min here), all 360 val images."""
+    bundle = _build(tmp_path / "executorch-int8", demo_checkpoint, digits_dir, calib_samples=256, eval_samples=100)
+    compare_with_python_runtime(app, bundle, digits_dir / "val", tmp_path)
+    merged_agreement_matches(bundle, tmp_path / "results.json", digits_dir / "val", demo_checkpoint)
