@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 # (bundle name, target, precision, profile)
 BUILDS = [
-    ("onnx-fp32", "onnx", "fp32", None),
-    ("onnx-int8", "onnx", "int8", None),
+    # the CPU profile: ORT's fusions for fp32, and for int8 the form ORT runs on integer kernels
+    ("onnx-fp32", "onnx", "fp32", "cpu-onnxruntime"),
+    ("onnx-int8", "onnx", "int8", "cpu-onnxruntime"),
     ("tensorrt-orin-nano-jp6", "tensorrt", "int8", "jetson-orin-nano-jp6"),
     ("executorch-fp32", "executorch", "fp32", "linux-x86-xnnpack"),
     ("executorch-int8", "executorch", "int8", "linux-x86-xnnpack"),
