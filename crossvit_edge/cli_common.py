@@ -13,7 +13,9 @@ from typing import Any, Callable, Dict, Optional
 
 from .errors import UserError, brief
 
-NOISY_LOGGERS = ("torch", "onnxscript", "onnx_ir", "coremltools", "executorch", "torchao", "matplotlib", "PIL")
+# onnxruntime.transformers puts its own folder on sys.path, so its fusion logger may be "fusion_base"
+NOISY_LOGGERS = ("torch", "onnxscript", "onnx_ir", "coremltools", "executorch", "torchao", "matplotlib", "PIL",
+                 "onnxruntime", "fusion_base")
 
 
 def setup_logging(verbose: bool) -> None:
