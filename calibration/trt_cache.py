@@ -117,7 +117,10 @@ def cache_from_amax(version: Union[str, Tuple[int, int, int]], amax: Mapping[str
 def parse_cache(text: Union[str, bytes]) -> Tuple[int, str, Dict[str, float]]:
     """(version int, algorithm, {tensor name: scale}) of a cache; raises UserError when malformed."""
     if isinstance(text, bytes):
-        text = text.decode("ascii")
+        try:
+            text = text.decode("ascii")
+        except UnicodeDecodeError:
+            raise UserError("not a TensorRT calibration cache: not ASCII text") from None
     lines = text.splitlines()
     if not lines:
         raise UserError("empty TensorRT calibration cache")

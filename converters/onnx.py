@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from crossvit_edge.errors import UserError
+from crossvit_edge.errors import UserError, brief
 
 from .base import Artifact, Converter, Runner
 
@@ -489,9 +489,16 @@ class OnnxRuntimeRunner(Runner):
             # are built for the fusion and keep it.
             opts.add_session_config_entry("session.disable_quant_qdq", "1")
         self._providers = providers or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(self.artifact_path), opts, providers=self._providers)
-        self.input_name = self.session.get_inputs()[0].name
-        self.batch_size = int(self.session.get_inputs()[0].shape[0])
+        try:
+            self.session = ort.InferenceSession(str(self.artifact_path), opts, providers=self._providers)
+        except Exception as e:  # ORT's own exception types: a verified file can still be a bad model
+            raise UserError(f"{self.artifact_path.name}: ONNX Runtime cannot load it ({brief(str(e), 200)})") from None
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].shape[0] != self.batch_size:
+            # the manifest's static batch (validated) is what callers split images by
+            raise UserError(f"{self.artifact_path.name}: expected one input of batch {self.batch_size}, "
+                            f"the model has {brief([tuple(i.shape) for i in inputs])}")
+        self.input_name = inputs[0].name
         self._version = ort.__version__
         self.exact = exact
 

@@ -333,8 +333,8 @@ def validate_preprocessing(data: Any, source: str, where: str = "preprocessing",
     crop = c.number(pre.get("crop_pct"), f"{where}.crop_pct") if "crop_pct" in pre else c.fail(f"{where}.crop_pct", "missing")
     if not 0.0 < crop <= 1.0:
         c.fail(f"{where}.crop_pct", f"expected a number in (0, 1], got {brief(pre['crop_pct'])}")
-    if math.floor(size / crop) > MAX_RESIZE:
-        c.fail(f"{where}.crop_pct", f"{crop!r} resizes to {math.floor(size / crop)} pixels, more than {MAX_RESIZE}")
+    if size / crop > MAX_RESIZE:  # in float first: a tiny crop makes size / crop inf, and floor(inf) raises
+        c.fail(f"{where}.crop_pct", f"{brief(crop)} resizes beyond {MAX_RESIZE} pixels")
     c.choice(pre, "interpolation", f"{where}.interpolation", ("bicubic",), required=False)
     c.choice(pre, "channel_order", f"{where}.channel_order", ("RGB",), required=False)
     c.choice(pre, "layout", f"{where}.layout", ("NCHW",), required=False)

@@ -81,6 +81,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .preprocess import Preprocessing
         from .spec import DEMO_CHECKPOINT, BuildSpec, CalibrationSettings
 
+        # the profiling flags are checked now, not after minutes of conversions
+        settings = ProfileSettings(runs=args.runs, warmup=3, threads=2, checker_samples=args.checker_samples)
         checkpoint = args.checkpoint or str(DEMO_CHECKPOINT)
         train_dir, val_dir = write_digits_imagefolder(args.data)
         print(f"demo data: {train_dir} and {val_dir} (scikit-learn digits as PNG)")
@@ -120,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         images = open_image_set(val_dir)
         report = profile_bundles(
             bundles, images, Preprocessing(ckpt.model.config.img_size, ckpt.model.config.crop_pct), ckpt.model,
-            ProfileSettings(runs=args.runs, warmup=3, threads=2, checker_samples=args.checker_samples),
+            settings,
         )
         write_json(args.output / "report.json", report)
         md = markdown_report(report)

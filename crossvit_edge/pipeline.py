@@ -19,9 +19,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .bundle import Bundle as Bundle  # noqa: F401 (re-exported with open_bundle)
 from .bundle import size_bytes, staged_bundle, write_json, write_manifest
-from .bundle import open_bundle as open_bundle  # the one way to open a bundle (validated, verified)
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .data import ImageSet, open_image_set
 from .errors import UserError

@@ -148,3 +148,17 @@ def demo_int8_acceptance(demo_checkpoint, digits_dir, build_runner, target: str)
     assert top1(fp32) == top1(torch_logits), result
     assert top1(fp32) - top1(int8) <= 0.005 and result["int8_agreement_with_fp32"] >= 0.99, result
     return result
+
+
+def build_bundle(out: Path, checkpoint, digits_dir: Path, target: str, precision: str, batch_size: int = 1,
+                 calib_samples: int = 32, eval_samples: int = 16) -> Path:
+    """Convert ``checkpoint`` into a bundle at ``out`` through the library pipeline: calibration on
+    the digits train split, the post-conversion check on ``eval_samples`` val images."""
+    from crossvit_edge.pipeline import convert
+    from crossvit_edge.spec import BuildSpec, CalibrationSettings
+
+    spec = BuildSpec(target=target, output=out, precision=precision, checkpoint=str(checkpoint), batch_size=batch_size,
+                     calibration=CalibrationSettings(data=digits_dir / "train", samples=calib_samples),
+                     eval_data=digits_dir / "val", eval_samples=eval_samples, overwrite=True)
+    convert(spec)
+    return out

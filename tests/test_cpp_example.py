@@ -22,10 +22,8 @@ import pytest
 pytest.importorskip("executorch")
 
 from crossvit_edge.data import open_image_set  # noqa: E402
-from crossvit_edge.pipeline import convert  # noqa: E402
-from crossvit_edge.spec import BuildSpec, CalibrationSettings  # noqa: E402
 
-from .conftest import REPO  # noqa: E402
+from .conftest import REPO, build_bundle  # noqa: E402
 
 BUILD_SCRIPT = REPO / "scripts" / "build_cpp_example.sh"
 BUILD_DIR = REPO / "build" / "executorch_cpp"  # kept between runs: rebuilds are incremental
@@ -48,13 +46,8 @@ def app() -> Path:
     return path
 
 
-def _build(out: Path, checkpoint, digits_dir: Path, calib_samples: int = 32, eval_samples: int = 16, precision: str = "int8",
-           batch_size: int = 1) -> Path:
-    spec = BuildSpec(target="executorch", output=out, precision=precision, checkpoint=str(checkpoint), batch_size=batch_size,
-                     calibration=CalibrationSettings(data=digits_dir / "train", samples=calib_samples),
-                     eval_data=digits_dir / "val", eval_samples=eval_samples, overwrite=True)
-    convert(spec)
-    return out
+def _build(out: Path, checkpoint, digits_dir: Path, precision: str = "int8", **kw) -> Path:
+    return build_bundle(out, checkpoint, digits_dir, "executorch", precision, **kw)
 
 
 @pytest.fixture(scope="module")

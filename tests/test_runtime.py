@@ -23,20 +23,14 @@ from crossvit_edge.bundle import open_bundle
 from crossvit_edge.data import open_image_set
 from crossvit_edge.errors import UserError
 from crossvit_edge.metrics import softmax
-from crossvit_edge.pipeline import convert, run_batched
+from crossvit_edge.pipeline import run_batched
 from crossvit_edge.runtime import load
-from crossvit_edge.spec import BuildSpec, CalibrationSettings
 
-from .conftest import REPO, run_cli
+from .conftest import REPO, build_bundle, run_cli
 
 
-def _build(out: Path, checkpoint, digits_dir: Path, target: str = "onnx", precision: str = "fp32", batch_size: int = 1,
-           calib_samples: int = 32, eval_samples: int = 16) -> Path:
-    spec = BuildSpec(target=target, output=out, precision=precision, checkpoint=str(checkpoint), batch_size=batch_size,
-                     calibration=CalibrationSettings(data=digits_dir / "train", samples=calib_samples),
-                     eval_data=digits_dir / "val", eval_samples=eval_samples, overwrite=True)
-    convert(spec)
-    return out
+def _build(out: Path, checkpoint, digits_dir: Path, target: str = "onnx", precision: str = "fp32", **kw) -> Path:
+    return build_bundle(out, checkpoint, digits_dir, target, precision, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -215,6 +215,7 @@ HOSTILE = {
     "batch-1e9": (_set(("input", "shape", 0), 10**9), "input.shape[0]"),
     "crop-0": (_set(("preprocessing", "crop_pct"), 0), "preprocessing.crop_pct"),
     "crop-tiny": (_set(("preprocessing", "crop_pct"), 1e-9), "preprocessing.crop_pct"),
+    "crop-subnormal": (_set(("preprocessing", "crop_pct"), 1e-320), "preprocessing.crop_pct"),  # size / crop = inf
     "labels-count": (_set(("labels",), ["a", "b", "c"]), "labels"),
     "num-classes-string": (_set(("num_classes",), "10"), "num_classes"),
     # 6: preprocessing that divides by zero

@@ -792,6 +792,28 @@ def test_a_rebuild_on_the_device_keeps_the_bundle_openable(bundle_of, tmp_path):
     assert open_bundle(bundle).manifest["files"][engine.name]["bytes"] == engine.stat().st_size
 
 
+def test_a_build_never_overwrites_what_it_reads(bundle_of, digits_dir, tmp_path, capsys):
+    """A manifest pointing the engine at the bundle's ONNX (or the manifest) is refused before
+    TensorRT is needed, and nothing in the bundle changes."""
+    import shutil
+
+    from converters.tensorrt.device import main
+    from crossvit_edge.bundle import write_manifest
+
+    for victim in ("onnx", "manifest.json"):
+        bundle = tmp_path / victim / "b"
+        shutil.copytree(bundle_of("jetson-orin-nano-jp6"), bundle)
+        manifest = read_manifest(bundle)
+        manifest["tensorrt"]["engine"] = manifest["tensorrt"]["onnx"] if victim == "onnx" else "manifest.json"
+        write_manifest(bundle, {k: v for k, v in manifest.items() if k != "files"})
+        before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+        code = main([str(bundle), "--build", "--data", str(digits_dir / "val"), "--output", str(tmp_path / "r.json")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "refusing to overwrite" in err, err
+        assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
+        assert not (tmp_path / "r.json").exists()
+
+
 def test_device_results_file_merges_into_the_harness(bundle_of, digits_dir, tmp_path, micro_checkpoint):
     """The device side's folder run and results file, torch-free, executed with the bundle's ONNX
     stand-in in ONNX Runtime (a real Runner; the TensorRT runner itself needs the device), then

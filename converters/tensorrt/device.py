@@ -627,7 +627,7 @@ def folder_results(bundle: Path, manifest: Dict[str, Any], runner: Runner, image
         "precision": manifest.get("precision"),
         "runner": runner.description,
         "device": device,
-        "images": [str(p.relative_to(images.root)) for p in images.paths],  # the harness's own key
+        "images": [p.relative_to(images.root).as_posix() for p in images.paths],  # the harness's own key
         "logits": np.asarray(logits, np.float32).tolist(),
         "latency": latency_summary(seconds, runner.batch_size),
         "timing": timing,
@@ -648,6 +648,7 @@ def build_bundle_engine(bundle: Path, manifest: Dict[str, Any]) -> Dict[str, Any
     if onnx_path is None or engine_path is None:
         raise UserError(f"{bundle}: the manifest's tensorrt section names no onnx or engine file")
     layer_info = bundle_file(bundle, options, "layer_info")
+    _refuse_overwriting_inputs(bundle, manifest, options, [engine_path, layer_info, bundle_file(bundle, options, "timing_cache")])
     t0 = time.time()
     engine, info, report = build_engine(onnx_path, options)
     engine_path.write_bytes(engine)
@@ -655,6 +656,21 @@ def build_bundle_engine(bundle: Path, manifest: Dict[str, Any]) -> Dict[str, Any
         layer_info.write_text(info)
     _refresh_listed_files(bundle, manifest, [engine_path, layer_info, bundle_file(bundle, options, "timing_cache")])
     return {"build_seconds": round(time.time() - t0, 1), "layer_info": options.get("layer_info"), **report}
+
+
+def _refuse_overwriting_inputs(bundle: Path, manifest: Dict[str, Any], options: Dict[str, Any], outputs: List[Optional[Path]]) -> None:
+    """The build writes the engine, layer information and timing cache; a manifest must not point
+    them at what the build reads or what vouches for the bundle (the manifest, the ONNX, the
+    calibration cache, the artifact): the next open would then verify a replaced file."""
+    from crossvit_edge.bundle import MANIFEST
+
+    root = Path(bundle).resolve()
+    protected = {root / MANIFEST, (root / manifest["artifact"]["file"]).resolve()}
+    protected |= {p.resolve() for p in (bundle_file(bundle, options, k) for k in ("onnx", "calibration_cache")) if p is not None}
+    for path in outputs:
+        if path is not None and (path.resolve() in protected or path.is_dir()):
+            raise UserError(f"{bundle}: the manifest's tensorrt section points a build output at {path.name}, "
+                            "which the build reads or which is not a file: refusing to overwrite it")
 
 
 def _refresh_listed_files(bundle: Path, manifest: Dict[str, Any], written: List[Optional[Path]]) -> None:
@@ -687,13 +703,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
+    from crossvit_edge.cli_common import check_int, run_cli  # standard library only: fine on a Jetson
+
+    def body() -> int:
         from crossvit_edge.bundle import open_bundle, write_json
         from crossvit_edge.data import open_image_set
         from crossvit_edge.preprocess import Preprocessing
 
-        if args.runs < 1:
-            raise UserError("--runs must be at least 1")
+        check_int("--runs", args.runs, 1, 1_000_000)
+        check_int("--warmup", args.warmup, 0, 1_000_000)
         opened = open_bundle(args.bundle)  # validated, every listed file verified, before anything loads
         bundle, manifest = opened.root, opened.manifest
         if manifest.get("target") != "tensorrt":
@@ -717,14 +735,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
         finally:
             runner.close()
-        args.output.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write {args.output}: {e.strerror or type(e).__name__}") from None
         write_json(args.output, result)
         lat = result["latency"]
         print(f"{len(images)} images, p50 {lat['p50_ms']:.3f} ms per batch of {runner.batch_size}; wrote {args.output}")
         return 0
-    except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+
+    return run_cli(PROG, body)
 
 
 if __name__ == "__main__":
