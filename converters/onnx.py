@@ -253,8 +253,9 @@ _FLOAT_GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul")
 
 
 def _int8_gemms(graph, consts):
-    """(MatMul node, activation DQ, weight DQ, bias Add or None) of every int8 layer of a TensorRT
-    form graph: MatMul(DQ(Q(x)), DQ(int8 weight)), optionally followed by Add(constant bias)."""
+    """(MatMul node, activation Q, activation DQ, weight DQ, bias Add or None) of every int8 layer
+    of a TensorRT form graph: MatMul(DQ(Q(x)), DQ(int8 weight)), optionally followed by
+    Add(constant bias)."""
     producer = {o: n for n in graph.node for o in n.output}
     consumers: Dict[str, List[Any]] = {}
     for node in graph.node:
@@ -267,7 +268,8 @@ def _int8_gemms(graph, consts):
         act, weight = producer.get(node.input[0]), producer.get(node.input[1])
         if not (act is not None and weight is not None and act.op_type == weight.op_type == "DequantizeLinear"):
             continue
-        if weight.input[0] not in consts or act.input[0] in consts:
+        quantize = producer.get(act.input[0])
+        if weight.input[0] not in consts or quantize is None or quantize.op_type != "QuantizeLinear":
             continue
         users = consumers.get(node.output[0], [])
         add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
@@ -276,7 +278,7 @@ def _int8_gemms(graph, consts):
             n_out = consts[weight.input[0]].shape[-1]
             if bias_name not in consts or consts[bias_name].shape != (n_out,):
                 add = None
-        found.append((node, act, weight, add))
+        found.append((node, quantize, act, weight, add))
     return found
 
 
@@ -321,12 +323,11 @@ def to_ort_cpu_form(model, form: str = "ort-cpu", activation_dtype: str = "uint8
     gemms = _int8_gemms(graph, consts)
     new_inits = []
     prologue = []  # nodes reading only initializers: placed first, which keeps the graph sorted
-    for node, act, weight, add in gemms:
+    for node, quantize, act, weight, add in gemms:
         w_scale = consts[weight.input[1]].astype(np.float64)
         if form == "ort-cpu-dynamic":
             bias = next((i for i in add.input if i != node.output[0]), "") if add is not None else ""
             out = add.output[0] if add is not None else node.output[0]
-            quantize = next(n for n in graph.node if act.input[0] in n.output)  # the Q before the DQ
             dyn = helper.make_node(
                 "DynamicQuantizeMatMul", [quantize.input[0], weight.input[0], weight.input[1], weight.input[2], bias], [out],
                 domain="com.microsoft", name=f"{node.name}_dynamic")

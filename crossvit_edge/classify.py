@@ -31,13 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def list_images(inputs: List[Path]) -> List[Path]:
     """Files as given; folders searched recursively for image files (sorted, hidden names skipped)."""
-    from .data import IMAGE_SUFFIXES
+    from .data import _is_image_file
     from .errors import UserError, brief
 
     paths: List[Path] = []
     for item in inputs:
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            found = sorted(p for p in item.rglob("*") if _is_image_file(p)
                            and not any(part.startswith(".") for part in p.relative_to(item).parts))
             if not found:
                 raise UserError(f"{brief(str(item), 200)}: no images in this folder")
@@ -55,11 +55,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
 
     def body() -> int:
+        from .cli_common import check_int
         from .errors import UserError
         from .runtime import load
 
-        if args.top_k < 1:
-            raise UserError(f"--top-k {args.top_k}: expected a positive whole number")
+        check_int("--top-k", args.top_k, 1)
+        check_int("--threads", args.threads, 1, 1024)
         images = list_images(args.images)
         with load(args.bundle, threads=args.threads) as model:
             if not args.json:
