@@ -24,6 +24,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from crossvit_edge.errors import UserError, brief
+# the int8 forms' closed lists live with the profile schema that offers them: one source
+from crossvit_edge.device_profiles import ONNX_ACTIVATION_DTYPES as ACTIVATION_DTYPES
+from crossvit_edge.device_profiles import ONNX_INT8_FORMS as INT8_FORMS
 
 from .base import Artifact, Converter, Runner
 
@@ -245,8 +248,13 @@ def op_counts(model) -> Dict[str, int]:
 #                    activation Q/DQ in ``activation_dtype`` (uint8 with zero point 128 is the same
 #                    grid as int8 with zero point 0), each int8 GEMM's bias as an int32 DQ.
 #   ort-cpu-dynamic  the plan's layers as DynamicQuantizeMatMul: activation ranges taken per run.
-INT8_FORMS = ("tensorrt", "ort-cpu", "ort-cpu-dynamic")
-ACTIVATION_DTYPES = ("uint8", "int8")
+
+
+def check_choice(key: str, value: Any, choices) -> Any:
+    """``value`` is one of ``choices`` (a closed list from a profile, a spec or a manifest)."""
+    if value not in choices:
+        raise UserError(f"{key} must be one of {', '.join(choices)}, got {brief(value, 40)}")
+    return value
 # ops that compute a GEMM on integers, as ORT's optimized graph names them
 INTEGER_GEMM_OPS = ("QGemm", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger", "QLinearConv", "ConvInteger")
 _FLOAT_GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul")
@@ -316,8 +324,7 @@ def to_ort_cpu_form(model, form: str = "ort-cpu", activation_dtype: str = "uint8
 
     if form not in INT8_FORMS[1:]:
         raise ValueError(f"not an ORT CPU int8 form: {form!r}")
-    if activation_dtype not in ACTIVATION_DTYPES:
-        raise UserError(f"onnx.activation_dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
+    check_choice("onnx.activation_dtype", activation_dtype, ACTIVATION_DTYPES)
     graph = model.graph
     consts = _const_values(graph)
     gemms = _int8_gemms(graph, consts)
@@ -453,10 +460,7 @@ def _is_x86() -> bool:
 def int8_form_of(manifest: Dict[str, Any]) -> str:
     """The int8 form a bundle's manifest records (bundles without one carry the TensorRT form)."""
     section = manifest.get("onnx") if isinstance(manifest.get("onnx"), dict) else {}
-    form = section.get("int8_form", "tensorrt")
-    if form not in INT8_FORMS:
-        raise UserError(f"manifest onnx.int8_form must be one of {', '.join(INT8_FORMS)}, got {str(form)[:40]!r}")
-    return form
+    return check_choice("manifest onnx.int8_form", section.get("int8_form", "tensorrt"), INT8_FORMS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -542,12 +546,9 @@ class OnnxConverter(Converter):
 
     def validate(self, spec) -> None:
         super().validate(spec)
-        form = spec.option("int8_form", "tensorrt")
-        if form not in INT8_FORMS:
-            raise UserError(f"onnx.int8_form must be one of {', '.join(INT8_FORMS)}, got {str(form)[:40]!r}")
-        dtype = spec.option("activation_dtype", "uint8")
-        if dtype not in ACTIVATION_DTYPES:
-            raise UserError(f"onnx.activation_dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {str(dtype)[:40]!r}")
+        # a spec built in Python bypasses the profile schema: the same closed lists here
+        check_choice("onnx.int8_form", spec.option("int8_form", "tensorrt"), INT8_FORMS)
+        check_choice("onnx.activation_dtype", spec.option("activation_dtype", "uint8"), ACTIVATION_DTYPES)
 
     def convert(self, ctx, out_dir: Path) -> Artifact:
         opset = int(ctx.spec.option("opset", DEFAULT_OPSET))

@@ -25,14 +25,17 @@ MAX_BATCH = 4096
 OPSETS = (13, 23)  # ONNX opsets the converters accept (per-channel Q/DQ needs 13)
 _MAX_TEXT = 1000
 
+# the ONNX target's int8 graph forms and activation types (converters.onnx; docs/cpu_int8.md)
+ONNX_INT8_FORMS = ("tensorrt", "ort-cpu", "ort-cpu-dynamic")
+ONNX_ACTIVATION_DTYPES = ("uint8", "int8")
+
 # key -> (type(s), allowed values, or an inclusive (lo, hi) range for numbers, or None); every
 # section key is optional.
 _SECTION_SCHEMA: Dict[str, Dict[str, tuple]] = {
     "onnx": {
         "opset": (int, OPSETS),
-        # which int8 graph (converters/onnx.py INT8_FORMS; docs/cpu_int8.md)
-        "int8_form": (str, ("tensorrt", "ort-cpu", "ort-cpu-dynamic")),
-        "activation_dtype": (str, ("uint8", "int8")),
+        "int8_form": (str, ONNX_INT8_FORMS),
+        "activation_dtype": (str, ONNX_ACTIVATION_DTYPES),
         "ort_fusions": (bool, None),  # ONNX Runtime contrib-op fusions (GELU) for ORT-only graphs
     },
     "tensorrt": {
