@@ -14,7 +14,8 @@ post-conversion check against the fp32 model ran on held-out images with a logit
 ``COSINE_FLOOR[precision]``. Random weights have near-tied logits, so top-1 agreement is reported
 and the CLI's own verdict recorded, but only the cosine is asserted.
 
-Per cell: wall time and the child process's peak RSS (``wait4``). Results go to a JSON-lines file,
+Per cell: wall time, CPU time (user + system, which other work on the machine does not inflate)
+and the child process's peak RSS (``wait4``). Results go to a JSON-lines file,
 one line per cell; a second run with the same ``--results`` skips the cells that passed (resume),
 ``--rerun`` converts them again. The table (variant rows, target/precision columns) is printed as
 Markdown at the end and can be written with ``--markdown FILE``.
@@ -106,7 +107,10 @@ def run_child(cmd: List[str], log_path: Path, timeout: float) -> dict:
                 break
             time.sleep(0.2)
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
-    return {"exit": proc.returncode, "seconds": round(time.time() - t, 1), "peak_rss_bytes": int(usage.ru_maxrss) * 1024,
+    # CPU seconds (user + system of the child and everything it waited for) do not grow when other
+    # work shares the cores or the run is paused; wall seconds do.
+    return {"exit": proc.returncode, "seconds": round(time.time() - t, 1),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_bytes": int(usage.ru_maxrss) * 1024,
             "timed_out": timed_out}
 
 
@@ -197,7 +201,8 @@ def markdown_table(results: Dict[tuple, dict], variants: Sequence[str], columns:
                 row.append("not run")
             else:
                 mem = f"{r['peak_rss_bytes'] / 2**30:.1f} GiB"
-                row.append(f"{'ok' if r['ok'] else '**FAIL**'} {r['seconds']:.0f} s, {mem}"
+                cpu = f" ({r['cpu_seconds']:.0f} s CPU)" if r.get("cpu_seconds") is not None else ""
+                row.append(f"{'ok' if r['ok'] else '**FAIL**'} {r['seconds']:.0f} s{cpu}, {mem}"
                            + (f", cos {r['cosine']:.4f}" if r.get("cosine") is not None else ""))
         lines.append(f"| {v} | " + " | ".join(row) + " |")
     return "\n".join(lines)
