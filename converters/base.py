@@ -85,8 +85,10 @@ class Runner(ABC):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         # the same check as Bundle.path: a plain relative name that stays inside the bundle
-        self.artifact_path = resolve_in_bundle(self.bundle_dir, artifact or manifest["artifact"]["file"],
-                                               "artifact.stand_in.file" if artifact else "artifact.file")
+        primary = manifest["artifact"]["file"]
+        chosen = artifact or primary
+        self.artifact_path = resolve_in_bundle(self.bundle_dir, chosen,
+                                               "artifact.file" if chosen == primary else "artifact.stand_in.file")
         self.threads = threads
         self.batch_size: int = int(manifest["input"]["shape"][0])
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, Iterator, List, Optional
 
+from .device_profiles import ONNX_INT8_FORMS
 from .errors import UserError, brief
 
 log = logging.getLogger(__name__)
@@ -451,6 +452,10 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> Dict[str, Any]:
     if coreml is not None:
         c.choice(coreml, "compute_units", "coreml.compute_units", ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"), required=False)
         c.value(coreml, "image_input", "coreml.image_input", bool, required=False)
+    onnx = c.obj(data, "onnx", "onnx", required=False)
+    if onnx is not None:
+        # which int8 graph the file holds decides how the runner configures ONNX Runtime
+        c.choice(onnx, "int8_form", "onnx.int8_form", ONNX_INT8_FORMS, required=False)
     et = c.obj(data, "executorch", "executorch", required=False)
     if et is not None:
         c.choice(et, "backend", "executorch.backend", ("xnnpack",), required=False)

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-drop", type=float, help="return the most sensitive layers to float until top-1 drops at most this many points")
     p.add_argument("--eval-data", type=Path, help="held-out images for the accuracy check and --max-drop")
     p.add_argument("--eval-samples", type=int, default=200)
+    p.add_argument("--ignore-class-names", action="store_true",
+                   help="score --eval-data by sorted folder order even where the folder names are not the checkpoint's labels")
     p.add_argument("--fail-on-check", action="store_true",
                    help=f"exit {CHECK_FAILED_EXIT} when the post-conversion check against fp32 falls below its thresholds "
                         "(the bundle is kept, marked failed in its manifest, for inspection)")
@@ -89,6 +91,7 @@ def spec_from_args(args: argparse.Namespace) -> BuildSpec:
         max_drop=args.max_drop,
         eval_data=args.eval_data,
         eval_samples=args.eval_samples,
+        ignore_class_names=args.ignore_class_names,
         options=options,
         overwrite=args.overwrite,
     )

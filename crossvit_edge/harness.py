@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .bundle import TARGETS, Bundle, SchemaCheck, check_relative_name, load_json_file, open_bundle
+from .cli_common import check_int
 from .data import ImageSet
 from .errors import UserError, brief
 from .metrics import compare_logits, latency_summary
@@ -87,10 +88,10 @@ class ProfileSettings:
 
     def __post_init__(self):
         # Checked here so that every front end (profile, demo) refuses the same way, before any work.
-        _check_int("runs", self.runs, 1, MAX_RUNS)
-        _check_int("warmup", self.warmup, 0, MAX_RUNS)
+        check_int("runs", self.runs, 1, MAX_RUNS)
+        check_int("warmup", self.warmup, 0, MAX_RUNS)
         if self.threads is not None:
-            _check_int("threads", self.threads, 1, MAX_THREADS)
+            check_int("threads", self.threads, 1, MAX_THREADS)
         if not isinstance(self.reference_device, str) or not re.fullmatch(r"cpu|cuda(:[0-9]{1,2})?", self.reference_device):
             raise UserError(f"reference device {brief(self.reference_device)}: use cpu, cuda or cuda:N")
         # 0 / None: every image.
@@ -101,11 +102,6 @@ class ProfileSettings:
 
 MAX_RUNS = 1_000_000
 MAX_THREADS = 1024
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise UserError(f"{name} {brief(value)}: expected a whole number in [{lo}, {hi}]")
 
 
 @dataclass

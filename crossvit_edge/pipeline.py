@@ -70,6 +70,7 @@ class ConversionContext:
     checkpoint: LoadedCheckpoint
     preprocessing: Preprocessing
     calibration: Optional[Calibration] = None
+    eval_images: Optional[ImageSet] = None  # --eval-data, labels matched to the checkpoint's class names
     timings: Dict[str, float] = field(default_factory=dict)
 
     @property
@@ -127,7 +128,18 @@ def stage_load(spec: BuildSpec) -> ConversionContext:
     ckpt = load_checkpoint(spec.checkpoint, model_name=spec.model)
     pre = Preprocessing(input_size=ckpt.model.config.img_size, crop_pct=ckpt.model.config.crop_pct)
     torch.set_grad_enabled(False)
-    return ConversionContext(spec=spec, checkpoint=ckpt, preprocessing=pre)
+    return ConversionContext(spec=spec, checkpoint=ckpt, preprocessing=pre, eval_images=open_eval_images(spec, ckpt))
+
+
+def open_eval_images(spec: BuildSpec, ckpt: LoadedCheckpoint) -> Optional[ImageSet]:
+    """--eval-data, opened before any calibration work so that a folder whose class names are not
+    the checkpoint's labels is refused at once: scored by sorted folder order, a folder holding a
+    subset of the classes would shift every label and report a wrong top-1 and --max-drop."""
+    if spec.eval_data is None:
+        return None
+    labels = None if spec.ignore_class_names else ckpt.labels
+    images = open_image_set(spec.eval_data).with_class_names(labels, ckpt.num_classes, "--ignore-class-names")
+    return images.sample(min(spec.eval_samples, len(images)), seed=0)
 
 
 def open_calibration_images(spec: BuildSpec) -> ImageSet:

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .bundle import Bundle, open_bundle
+from .cli_common import check_int
 from .errors import UserError, brief
 from .metrics import softmax
 
@@ -108,8 +109,7 @@ def load(bundle: Union[str, "os.PathLike[str]", Bundle], threads: Optional[int] 
     """Open and verify a bundle folder and start the runtime of its artifact. ``threads``: the
     runtime's CPU threads (ONNX Runtime intra-op threads, ExecuTorch's thread pool); default: the
     runtime's own choice."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024):
-        raise UserError(f"threads {brief(threads)}: expected a whole number in [1, 1024]")
+    check_int("threads", threads, 1, 1024)
     opened = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
     if opened.kind == "mlpackage":
         return Model(opened, _coreml_runner(opened, threads))

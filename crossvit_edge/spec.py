@@ -59,6 +59,7 @@ class BuildSpec:
     max_drop: Optional[float] = None  # accuracy-driven mixed precision (points of top-1 / agreement)
     eval_data: Optional[Path] = None  # held-out images for the accuracy check and sensitivity
     eval_samples: int = 200
+    ignore_class_names: bool = False  # score --eval-data by sorted folder order, not by class name
     options: Dict[str, Any] = field(default_factory=dict)  # target options (from the profile and CLI)
     overwrite: bool = False
 
@@ -107,5 +108,6 @@ class BuildSpec:
             "smoothing_alpha": self.smoothing_alpha,
             "max_drop": self.max_drop,
             "eval_data": str(self.eval_data) if self.eval_data else None,
+            "ignore_class_names": self.ignore_class_names,
             "options": self.options,
         }

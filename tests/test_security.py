@@ -218,6 +218,7 @@ HOSTILE = {
     "crop-subnormal": (_set(("preprocessing", "crop_pct"), 1e-320), "preprocessing.crop_pct"),  # size / crop = inf
     "labels-count": (_set(("labels",), ["a", "b", "c"]), "labels"),
     "num-classes-string": (_set(("num_classes",), "10"), "num_classes"),
+    "int8-form-unknown": (_set(("onnx",), {"int8_form": "../../evil"}), "onnx.int8_form"),
     # 6: preprocessing that divides by zero
     "std-zero": (_set(("preprocessing", "std"), [0, 0, 0]), "preprocessing.std"),
     "mean-huge": (_set(("preprocessing", "mean"), [1e308, 0, 0]), "preprocessing.mean"),
@@ -431,6 +432,34 @@ def test_class_names_are_matched_to_labels(tmp_path):
         images.with_class_names(None, 1, "--x")
 
 
+def test_convert_eval_data_matched_to_checkpoint_labels(tmp_path, micro_model_registered):
+    """convert --eval-data: folders get the checkpoint's label indices (a subset folder does not
+    shift them); a folder name that is no label is refused before any work unless
+    --ignore-class-names is given."""
+    from crossvit_edge.checkpoint import load_checkpoint
+    from crossvit_edge.pipeline import open_eval_images
+    from crossvit_edge.spec import BuildSpec
+
+    from .conftest import make_micro_checkpoint
+
+    labels = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    ckpt_path = make_micro_checkpoint(tmp_path / "labelled.safetensors", labels=json.dumps(labels))
+    root = tmp_path / "eval"
+    for name in ("seven", "three"):
+        (root / name).mkdir(parents=True)
+        write_png(root / name / "a.png")
+    spec = BuildSpec(target="onnx", output=tmp_path / "out", checkpoint=str(ckpt_path), eval_data=root)
+    assert sorted(open_eval_images(spec, load_checkpoint(ckpt_path)).labels) == [3, 7]  # by name, not [0, 1]
+    (root / "banana").mkdir()
+    write_png(root / "banana" / "a.png")
+    r = subprocess.run([sys.executable, str(MICRO_CLI), "crossvit_edge.convert", "--target", "onnx", "--checkpoint", str(ckpt_path),
+                        "--eval-data", str(root), "--output", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "banana" in r.stderr and "--ignore-class-names" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+    spec.ignore_class_names = True
+    assert sorted(open_eval_images(spec, load_checkpoint(ckpt_path)).labels) == [0, 1, 2]
+
+
 def test_image_limits_in_process(tmp_path):
     from crossvit_edge.preprocess import MAX_IMAGE_PIXELS, Preprocessing, load_image
 
@@ -486,8 +515,8 @@ CONVERT_FLAGS = {
 }
 
 PROFILE_FLAGS = {
-    "runs-0": (["--runs", "0"], "runs 0"),
-    "threads-negative": (["--threads", "-1"], "threads -1"),
+    "runs-0": (["--runs", "0"], "runs must be a whole number in [1,"),
+    "threads-negative": (["--threads", "-1"], "threads must be a whole number in [1, 1024], got -1"),
     "samples-negative": (["--samples", "-5"], "--samples"),
     "warmup-negative": (["--warmup", "-1"], "warmup"),
     "checker-samples-negative": (["--checker-samples", "-1"], "checker samples"),

@@ -123,7 +123,7 @@ def bundle_file(base: Path, options: Dict[str, Any], key: str) -> Optional[Path]
     return resolve_in_bundle(base, value, f"tensorrt.{key}")
 
 
-def describe_network(trt, network) -> Tuple[List[NetLayer], List[Any]]:
+def describe_network(trt, network) -> Tuple[List[NetLayer], Dict[str, Any]]:
     """The parsed network as plain ``NetLayer`` records (for ``dynamic_ranges``) and the ITensor
     objects by name. Layer and tensor calls: ``INetworkDefinition.num_layers/get_layer/num_inputs/
     get_input``, ``ILayer.name/type/num_inputs/get_input/num_outputs/get_output``, ``ITensor.name/
