@@ -13,6 +13,9 @@ Paths (``--paths`` takes a comma list of these keys, or ``all``):
     ort-cpu      our int8 ONNX, ONNX Runtime CPU form (static uint8 activations, integer GEMMs),
                  as the cpu-onnxruntime profile builds it
     ort-dyn      the same with dynamic activation ranges (DynamicQuantizeMatMul)
+    ort-cpu-attn ort-cpu with the plan's int8 attention option (profile key ``int8_attention``): the
+                 self-attention matmuls as MatMulIntegerToFloat / QLinearMatMul (docs/cpu_int8.md)
+    ort-dyn-attn ort-dyn with the same option
     et-fp32      our ExecuTorch .pte, XNNPACK, fp32
     et-int8      our ExecuTorch .pte, XNNPACK, int8 (PT2E, the plan's layers)
     floor        the matmul floor: every GEMM of our fp32 graph (same shapes, weight and attention
@@ -42,7 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PATHS = ("naive", "eager", "ort-fp32-plain", "ort-fp32", "ort-trt", "ort-cpu", "ort-dyn", "et-fp32", "et-int8", "floor")
+PATHS = ("naive", "eager", "ort-fp32-plain", "ort-fp32", "ort-trt", "ort-cpu", "ort-dyn", "ort-cpu-attn", "ort-dyn-attn", "et-fp32", "et-int8", "floor")
 # what the cpu-onnxruntime profile sets; the ort-* rows other than ort-trt are built with it
 CPU_PROFILE = "cpu-onnxruntime"
 LABELS = {
@@ -53,6 +56,8 @@ LABELS = {
     "ort-trt": "our ORT int8, TensorRT form (project runner)",
     "ort-cpu": "our ORT int8, CPU form (static uint8, QGemm)",
     "ort-dyn": "our ORT int8, CPU dynamic form (DynamicQuantizeMatMul)",
+    "ort-cpu-attn": "our ORT int8, CPU form + int8 attention matmuls",
+    "ort-dyn-attn": "our ORT int8, CPU dynamic form + int8 attention matmuls",
     "et-fp32": "our ExecuTorch fp32 (XNNPACK)",
     "et-int8": "our ExecuTorch int8 (XNNPACK)",
     "floor-fp32": "matmul floor fp32 (ORT, GEMMs only)",
@@ -220,7 +225,7 @@ def build_model_paths(model_name: str, paths: List[str], args) -> Dict[str, Call
                     timm_model(xt)
             return run, None
         loaders["eager"] = eager
-    need_onnx = {"ort-fp32-plain", "ort-fp32", "ort-trt", "ort-cpu", "ort-dyn", "floor"} & set(paths)
+    need_onnx = {"ort-fp32-plain", "ort-fp32", "ort-trt", "ort-cpu", "ort-dyn", "ort-cpu-attn", "ort-dyn-attn", "floor"} & set(paths)
     if need_onnx:
         from converters.onnx import OnnxRuntimeRunner
         from crossvit_edge.device_profiles import load_profile
@@ -232,13 +237,18 @@ def build_model_paths(model_name: str, paths: List[str], args) -> Dict[str, Call
                 convert(BuildSpec(target="onnx", output=wdir / key, precision="fp32", checkpoint=str(ckpt), profile=profile))
                 loaders[key] = runner_loader(OnnxRuntimeRunner, wdir / key)
         stats = None
-        for key, profile, options in (("ort-trt", None, {}), ("ort-cpu", cpu, {}), ("ort-dyn", cpu, {"int8_form": "ort-cpu-dynamic"})):
+        attn = {"int8_attention": True}
+        for key, profile, options in (("ort-trt", None, {}), ("ort-cpu", cpu, {}), ("ort-dyn", cpu, {"int8_form": "ort-cpu-dynamic"}),
+                                      ("ort-cpu-attn", cpu, attn), ("ort-dyn-attn", cpu, {"int8_form": "ort-cpu-dynamic", **attn})):
             if key not in paths and not (key == "ort-trt" and "floor" in paths):
                 continue
-            calib = CalibrationSettings(data=None if stats else train_dir, samples=args.calib_samples, stats=stats)
+            own = bool(options.get("int8_attention"))  # its own pass: the attention operands are observed too
+            reuse = stats if not own else None
+            calib = CalibrationSettings(data=None if reuse else train_dir, samples=args.calib_samples, stats=reuse)
             convert(BuildSpec(target="onnx", output=wdir / key, precision="int8", checkpoint=str(ckpt), calibration=calib,
                               profile=profile, options=dict(options)))
-            stats = stats or wdir / key / "calibration_stats.npz"
+            if not own:
+                stats = stats or wdir / key / "calibration_stats.npz"
             if key in paths:
                 loaders[key] = runner_loader(OnnxRuntimeRunner, wdir / key)
         if "floor" in paths:
@@ -329,7 +339,7 @@ def main():
             lines.append(f"our ORT fp32 / naive {r['ort-fp32'] / r['naive']:.2f}x (target <= 0.45x)")
         if "ort-fp32" in r and "floor-fp32" in r:
             lines.append(f"our ORT fp32 / fp32 matmul floor {r['ort-fp32'] / r['floor-fp32']:.2f}x (target <= 1.3x)")
-        for k in ("ort-cpu", "ort-dyn"):
+        for k in ("ort-cpu", "ort-dyn", "ort-cpu-attn", "ort-dyn-attn"):
             if k in r and "ort-fp32" in r:
                 lines.append(f"{k} / our ORT fp32 {r[k] / r['ort-fp32']:.2f}x (target <= 0.5x on VNNI, <= 0.7x on AVX2)")
         if "ort-cpu" in r and "floor-int8" in r:

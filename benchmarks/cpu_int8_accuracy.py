@@ -8,7 +8,11 @@ GEMMs; ``ort-cpu-dynamic``, the plan's layers with per-run activation ranges), a
 calibration statistics (the digits train split), runs the full digits val split (360 images)
 through the project's runner and prints top-1, the drop against fp32 ONNX and top-1 agreement with
 fp32. The ``ort-cpu`` form is also run with graph optimisations off (ORT then computes the Q/DQ
-semantics exactly), to show what the integer kernels change.
+semantics exactly), to show what the integer kernels change. With ``--attention`` (default on) the
+same forms are built again with the plan's int8 attention option (``int8_attention``: the
+self-attention matmuls on int8 operands), from their own calibration pass over the same images
+(the attention operands are observed in the export form), and one more row keeps the softmax output
+and the value matmul float (only q k^T int8) to show which operand costs the accuracy.
 """
 from __future__ import annotations
 
@@ -23,10 +27,35 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def without_softmax_output_qdq(src: Path, dst: Path) -> Path:
+    """A copy of an int8-attention graph whose value matmuls (softmax output x v) read their float
+    operands again: only q k^T stays int8 (an experiment, not a form)."""
+    import onnx
+
+    from converters.onnx import _drop_unused
+
+    model = onnx.load(str(src))
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def source(name):  # x of DQ(Q(x)), or None
+        dq = producer.get(name)
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
+
+    for node in model.graph.node:
+        a, b = (source(n) for n in node.input[:2]) if node.op_type == "MatMul" else (None, None)
+        if a and b and producer.get(a) is not None and producer[a].op_type == "Softmax":
+            node.input[0], node.input[1] = a, b
+    _drop_unused(model.graph)
+    onnx.save(model, str(dst))
+    return dst
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=256, help="calibration images")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True, help="also the int8 attention rows")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -45,6 +74,15 @@ def main():
     def evaluate(bundle, exact=False):
         return run_batched(OnnxRuntimeRunner(bundle, read_manifest(bundle), threads=args.threads, exact=exact), x)
 
+    def evaluate_file(path):  # an edited graph outside a bundle: a plain ORT session
+        import onnxruntime as ort
+
+        o = ort.SessionOptions()
+        o.intra_op_num_threads = args.threads
+        o.log_severity_level = 3
+        s = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+        return np.concatenate([s.run(None, {s.get_inputs()[0].name: x[i : i + 1]})[0] for i in range(len(x))])
+
     convert(BuildSpec(target="onnx", output=work / "fp32", checkpoint=str(DEMO_CHECKPOINT)))
     l32 = evaluate(work / "fp32")
     rows = [("fp32", "-", l32)]
@@ -58,6 +96,19 @@ def main():
         rows.append((f"int8 {form}", "all graph optimisations", evaluate(out)))
         if form == "ort-cpu":
             rows.append((f"int8 {form}", "no graph optimisation (exact Q/DQ semantics)", evaluate(out, exact=True)))
+    attention_stats = None
+    for form in ("tensorrt", "ort-cpu", "ort-cpu-dynamic") if args.attention else ():
+        out = work / f"{form}-attention"
+        calib = CalibrationSettings(data=None if attention_stats else train_dir, samples=args.samples, stats=attention_stats)
+        convert(BuildSpec(target="onnx", output=out, precision="int8", checkpoint=str(DEMO_CHECKPOINT), calibration=calib,
+                          options={"int8_form": form, "int8_attention": True}))
+        attention_stats = attention_stats or out / "calibration_stats.npz"
+        name = f"int8 {form} + int8 attention"
+        rows.append((name, "all graph optimisations", evaluate(out)))
+        if form == "ort-cpu":
+            rows.append((name, "no graph optimisation (exact Q/DQ semantics)", evaluate(out, exact=True)))
+            rows.append((f"int8 {form} + int8 q k^T only (softmax output, v float)", "all graph optimisations",
+                         evaluate_file(without_softmax_output_qdq(next(out.glob("*.onnx")), work / "qk_only.onnx"))))
     top1_32 = float((l32.argmax(1) == y).mean())
     print(f"\ndemo model (crossvit_tiny_240, digits), full val split ({len(y)} images), ONNX Runtime CPU, "
           f"calibration: {args.samples} train images, entropy\n")

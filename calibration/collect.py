@@ -7,7 +7,6 @@ Statistics are saved beside the artifact (``calibration_stats.npz``) and can be 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os

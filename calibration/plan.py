@@ -9,6 +9,11 @@ embedding convs; float for everything that acts on one token (projs, revert_proj
 cross-attention query and output projection, the heads) and for LayerNorm, GELU, Softmax, the
 attention matmuls, residual adds, the resize matrices and the concatenations (which join different
 ranges and must never share one int8 range).
+
+One option, off by default (``build_plan(..., attention=True)``, chosen by a device profile's
+``int8_attention``): the ViT blocks' self-attention matmuls (q k^T and probs v) take int8 operands,
+per-tensor ranges for q * scale, k^T and v from the same statistics pass and estimator as the
+layers, and the softmax output on its known range [0, 1]. The one-query cross-attention stays float.
 """
 from __future__ import annotations
 
@@ -30,6 +35,21 @@ FLOAT_OPS = [
     "bicubic resize matrices",
     "position-embedding add",
 ]
+
+FLOAT_OPS_INT8_ATTENTION = [op for op in FLOAT_OPS if op != "attention score and value matmuls"] + [
+    "cross-attention score and value matmuls (one query)"]
+
+# The operands of the ViT blocks' self-attention matmuls (crossvit.AttentionPoints, export form only):
+# point -> what it sees. The softmax output is not calibrated: its range is [0, 1] by definition.
+ATTENTION_POINT = re.compile(r"^blocks\.\d+\.blocks\.\d+\.\d+\.attn\.points\.(q|k|v|probs)$")
+ATTENTION_TENSORS = {
+    "q": "q * scale: left operand of q k^T",
+    "k": "k^T: right operand of q k^T",
+    "probs": "softmax output: left operand of probs v, known range [0, 1]",
+    "v": "v: right operand of probs v",
+}
+SOFTMAX_AMAX = 1.0
+ATTENTION_REASON = "ViT block self-attention matmul operand (per-tensor, int8 attention option)"
 
 # (pattern, quantize?, reason) in order; the first match decides.
 _RULES = [
@@ -64,6 +84,13 @@ def quantizable_layer_names(model: nn.Module) -> List[str]:
     return [n for n, _ in weighted_layers(model) if classify_layer(n)[0]]
 
 
+def attention_point_names(model: nn.Module, calibrated_only: bool = False) -> List[str]:
+    """The self-attention matmul operand points of ``model``'s ViT blocks, in module order;
+    ``calibrated_only``: without the softmax outputs (their range is known)."""
+    names = [n for n, _ in model.named_modules() if ATTENTION_POINT.match(n)]
+    return [n for n in names if not (calibrated_only and n.endswith(".probs"))]
+
+
 @dataclass
 class LayerPlan:
     name: str
@@ -84,12 +111,30 @@ class LayerPlan:
 
 
 @dataclass
+class TensorPlan:
+    """An int8 activation that is not a layer input: an attention matmul operand."""
+
+    name: str  # module name of the point (crossvit.TensorPoint)
+    tensor: str  # q | k | v | probs
+    amax: float  # |x| clipping value: calibrated, or the known range (softmax output)
+    calibrated: bool
+
+    @property
+    def scale(self) -> float:
+        return self.amax / 127.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {**asdict(self), "scale": self.scale, "describes": ATTENTION_TENSORS[self.tensor]}
+
+
+@dataclass
 class QuantPlan:
     model: str
     layers: List[LayerPlan]
     calibration: Dict[str, Any] = field(default_factory=dict)
     smoothing: Optional[Dict[str, Any]] = None
     mixed_precision: Optional[Dict[str, Any]] = None
+    attention: Optional[List[TensorPlan]] = None  # None: attention matmuls in float (the default)
 
     def get(self, name: str) -> LayerPlan:
         for layer in self.layers:
@@ -106,14 +151,15 @@ class QuantPlan:
             LayerPlan(**{**asdict(l), "precision": "float", "reason": reason}) if l.name in names else LayerPlan(**asdict(l))
             for l in self.layers
         ]
-        return QuantPlan(self.model, layers, dict(self.calibration), self.smoothing, self.mixed_precision)
+        attention = None if self.attention is None else [TensorPlan(**asdict(t)) for t in self.attention]
+        return QuantPlan(self.model, layers, dict(self.calibration), self.smoothing, self.mixed_precision, attention)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {
+        d = {
             "model": self.model,
             "weights": WEIGHT_SCHEME,
             "activations": ACTIVATION_SCHEME,
-            "float_ops": FLOAT_OPS,
+            "float_ops": FLOAT_OPS if self.attention is None else FLOAT_OPS_INT8_ATTENTION,
             "calibration": self.calibration,
             "smoothing": self.smoothing,
             "mixed_precision": self.mixed_precision,
@@ -123,6 +169,10 @@ class QuantPlan:
                 "float_layers": len(self.layers) - len(self.int8_layers()),
             },
         }
+        if self.attention is not None:  # absent when off: plans without the option are unchanged
+            d["attention_matmuls"] = {"precision": "int8", "reason": ATTENTION_REASON, "tensors": [t.to_dict() for t in self.attention]}
+            d["summary"]["int8_attention_tensors"] = len(self.attention)
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "QuantPlan":
@@ -133,12 +183,17 @@ class QuantPlan:
             )
             for l in d["layers"]
         ]
-        return cls(d["model"], layers, d.get("calibration", {}), d.get("smoothing"), d.get("mixed_precision"))
+        attention = d.get("attention_matmuls")
+        tensors = None if attention is None else [
+            TensorPlan(name=t["name"], tensor=t["tensor"], amax=t["amax"], calibrated=t["calibrated"]) for t in attention["tensors"]]
+        return cls(d["model"], layers, d.get("calibration", {}), d.get("smoothing"), d.get("mixed_precision"), tensors)
 
 
-def build_plan(model: nn.Module, model_name: str, amax: Dict[str, float], calibration: Dict[str, Any]) -> QuantPlan:
+def build_plan(model: nn.Module, model_name: str, amax: Dict[str, float], calibration: Dict[str, Any],
+               attention: bool = False) -> QuantPlan:
     """Every Linear/Conv2d of ``model`` with its precision; int8 layers take their clipping value
-    from ``amax`` (layer name -> calibrated |x| range)."""
+    from ``amax`` (layer name -> calibrated |x| range). ``attention``: the self-attention matmul
+    operands too (``amax`` then holds the calibrated points, ``attention_point_names``)."""
     layers = []
     for name, module in weighted_layers(model):
         quantize, reason = classify_layer(name)
@@ -149,4 +204,17 @@ def build_plan(model: nn.Module, model_name: str, amax: Dict[str, float], calibr
             layers.append(LayerPlan(name, kind, "int8", reason, input_amax=float(amax[name])))
         else:
             layers.append(LayerPlan(name, kind, "float", reason))
-    return QuantPlan(model_name, layers, calibration)
+    plan = QuantPlan(model_name, layers, calibration)
+    if attention:
+        plan.attention = []
+        for name in attention_point_names(model):
+            tensor = ATTENTION_POINT.match(name).group(1)
+            if tensor == "probs":
+                plan.attention.append(TensorPlan(name, tensor, SOFTMAX_AMAX, calibrated=False))
+            elif name not in amax:
+                raise KeyError(f"no calibration statistics for attention operand {name}")
+            else:
+                plan.attention.append(TensorPlan(name, tensor, float(amax[name]), calibrated=True))
+        if not plan.attention:
+            raise ValueError(f"{model_name}: no self-attention matmul points to quantize")
+    return plan

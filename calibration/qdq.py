@@ -12,6 +12,10 @@ saturate), so the same quantized model serves for sensitivity analysis in PyTorc
 export, where ``converters.onnx`` translates the two ops to ONNX nodes. Weights are stored
 transposed for Linear layers, (in, out) with the channel axis 1, so the exported graph is
 ``DQ(W) -> MatMul`` with no Transpose between them.
+
+With the plan's int8 attention option, each self-attention matmul operand point
+(``crossvit.TensorPoint``) becomes a ``QDQActivation`` (Q/DQ with the plan's per-tensor scale), and
+the copy's self-attention runs the explicit matmul-softmax-matmul that carries the points.
 """
 from __future__ import annotations
 
@@ -88,6 +92,19 @@ class QDQLinear(_QDQBase):
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
 
+class QDQActivation(nn.Module):
+    """Fake-quantizes a tensor that is no layer's input (an attention matmul operand): symmetric
+    int8, per-tensor, the plan's scale."""
+
+    def __init__(self, amax: float):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(float(amax) / 127.0, dtype=torch.float32))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_dequantize(x, self.scale.to(x.dtype), self.zero_point)
+
+
 class QDQConv2d(_QDQBase):
     def __init__(self, conv: nn.Conv2d, input_amax: float):
         super().__init__()
@@ -119,4 +136,14 @@ def apply_qdq(model: nn.Module, plan: QuantPlan, inplace: bool = False) -> nn.Mo
             _set_module(model, layer.name, QDQConv2d(m, layer.input_amax))
         else:
             raise TypeError(f"{layer.name}: cannot quantize a {type(m).__name__}")
+    if plan.attention is not None:
+        from crossvit_edge.crossvit import Attention, TensorPoint
+
+        for point in plan.attention:
+            if not isinstance(modules.get(point.name), TensorPoint):
+                raise TypeError(f"{point.name}: not an attention operand point of this model")
+            _set_module(model, point.name, QDQActivation(point.amax))
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.fused_attn = False  # the explicit attention carries the points (same function)
     return model.eval()

@@ -166,8 +166,6 @@ def check_qdq_rules(model) -> int:
       weights, with one scale per channel;
     * activation Q/DQ pairs carry the same scale on both sides.
     """
-    import onnx
-
     graph = model.graph
     consts = _const_values(graph)
     consumers: Dict[str, List[Any]] = {}
@@ -290,6 +288,26 @@ def _int8_gemms(graph, consts):
     return found
 
 
+def _attention_matmuls(graph, consts):
+    """(MatMul, (Q, DQ) of input 0, (Q, DQ) of input 1) of every matmul of two quantized
+    activations: the self-attention q k^T and probs v under the plan's int8 attention option."""
+    producer = {o: n for n in graph.node for o in n.output}
+    found = []
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        pairs = []
+        for name in node.input[:2]:
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is None or q.op_type != "QuantizeLinear" or dq.input[0] in consts:
+                break
+            pairs.append((q, dq))
+        else:
+            found.append((node, pairs[0], pairs[1]))
+    return found
+
+
 def _drop_unused(graph) -> None:
     """Remove Q/DQ nodes nobody reads and initializers nobody uses."""
     outputs = {o.name for o in graph.output}
@@ -308,7 +326,7 @@ def _drop_unused(graph) -> None:
 def to_ort_cpu_form(model, form: str = "ort-cpu", activation_dtype: str = "uint8"):
     """Rewrite a TensorRT-form int8 graph (``export_for_precision(..., "int8")``) in place into
     ``form``; the same layers stay int8 with the same weights and (for ``ort-cpu``) the same
-    activation ranges. Returns the number of int8 GEMMs rewritten.
+    activation ranges. Returns (int8 GEMMs rewritten, int8 attention matmuls).
 
     Why each change (ORT's QDQ selectors, onnxruntime/core/optimizer/qdq_transformer):
     * int8 activations fuse only on ARM (``QDQIsInt8Allowed()``); on x86 the activation side must
@@ -319,6 +337,11 @@ def to_ort_cpu_form(model, form: str = "ort-cpu", activation_dtype: str = "uint8
     * a Conv fuses only with a quantized output (QLinearConv), which the plan does not have: the
       patch-embedding weights are stored dequantized (the same float values the DQ computes, and
       ORT does not recompute a DQ on every run); the input Q/DQ stays, so the semantics hold.
+    * attention matmuls (the plan's int8 attention option: MatMul(DQ(Q(a)), DQ(Q(b)))) become
+      MatMulIntegerToFloat when their left operand is uint8; the right operand (k^T, v) may stay
+      int8 on x86 (only the left one must be uint8), and keeping it int8 with zero point 0 keeps the
+      TensorRT grid and MLAS's u8s8 kernels (VNNI). The softmax output, range [0, 1], takes the
+      uint8 grid of step 1/255 with zero point 0 instead of int8's 1/127.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -328,6 +351,8 @@ def to_ort_cpu_form(model, form: str = "ort-cpu", activation_dtype: str = "uint8
     graph = model.graph
     consts = _const_values(graph)
     gemms = _int8_gemms(graph, consts)
+    attention = _attention_matmuls(graph, consts)
+    producer = {o: n for n in graph.node for o in n.output}
     new_inits = []
     prologue = []  # nodes reading only initializers: placed first, which keeps the graph sorted
     for node, quantize, act, weight, add in gemms:
@@ -373,6 +398,19 @@ def to_ort_cpu_form(model, form: str = "ort-cpu", activation_dtype: str = "uint8
         for node in graph.node:
             if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[0] not in consts:
                 node.input[2] = zp
+        if attention:
+            zp_s8 = "activation_zero_point_int8_0"
+            new_inits.append(helper.make_tensor(zp_s8, TensorProto.INT8, [], [0]))
+            for _matmul, _a, (q_b, dq_b) in attention:
+                q_b.input[2] = dq_b.input[2] = zp_s8  # right operand: the TensorRT grid as it is
+    if attention:  # the softmax output: uint8, step 1/255 (a uint8 left operand fuses on every platform)
+        zp_u8, probs_scale = "activation_zero_point_uint8_0", "softmax_output_scale_uint8"
+        new_inits += [helper.make_tensor(zp_u8, TensorProto.UINT8, [], [0]), numpy_helper.from_array(np.array(1.0 / 255.0, np.float32), probs_scale)]
+        for _matmul, (q_a, dq_a), _b in attention:
+            source = producer.get(q_a.input[0])
+            if source is not None and source.op_type == "Softmax":
+                q_a.input[1] = dq_a.input[1] = probs_scale
+                q_a.input[2] = dq_a.input[2] = zp_u8
     graph.initializer.extend(new_inits)
     for n in reversed(prologue):
         graph.node.insert(0, n)
@@ -380,7 +418,7 @@ def to_ort_cpu_form(model, form: str = "ort-cpu", activation_dtype: str = "uint8
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     del graph.value_info[:]  # recorded int8 types of the activation Q outputs no longer hold
     _drop_unused(graph)
-    return len(gemms)
+    return len(gemms), len(attention)
 
 
 def fuse_gelu_for_ort(model) -> int:
@@ -549,6 +587,8 @@ class OnnxConverter(Converter):
         # a spec built in Python bypasses the profile schema: the same closed lists here
         check_choice("onnx.int8_form", spec.option("int8_form", "tensorrt"), INT8_FORMS)
         check_choice("onnx.activation_dtype", spec.option("activation_dtype", "uint8"), ACTIVATION_DTYPES)
+        if not isinstance(spec.option("int8_attention", False), bool):
+            raise UserError(f"onnx.int8_attention must be true or false, got {brief(spec.option('int8_attention'), 40)}")
 
     def convert(self, ctx, out_dir: Path) -> Artifact:
         opset = int(ctx.spec.option("opset", DEFAULT_OPSET))
@@ -562,6 +602,8 @@ class OnnxConverter(Converter):
             # every form starts as the TensorRT form, checked against TensorRT's rules: one plan
             report["qdq_nodes"] = section["qdq_nodes"] = check_qdq_rules(proto)
             form = section["int8_form"] = ctx.spec.option("int8_form", "tensorrt")
+            if ctx.plan is not None and ctx.plan.attention is not None:
+                section["int8_attention"] = True  # the plan's attention_matmuls entry has the ranges
             if form != "tensorrt":
                 section.update(self._rewrite_for_ort_cpu(proto, form, ctx.spec.option("activation_dtype", "uint8"), report))
                 rewritten = True
@@ -578,7 +620,8 @@ class OnnxConverter(Converter):
             os.replace(tmp, path)
             report["op_counts"] = op_counts(proto)
             if "ort_cpu" in report and report["ort_cpu"]["optimized_graph"].get("skipped") is None:
-                report["ort_cpu"]["optimized_graph"] = self._fusion_check(path, report["ort_cpu"]["int8_gemms"])
+                entry = report["ort_cpu"]
+                entry["optimized_graph"] = self._fusion_check(path, entry["int8_gemms"] + entry.get("int8_attention_matmuls", 0))
         return Artifact(
             primary=name,
             kind="onnx",
@@ -588,18 +631,24 @@ class OnnxConverter(Converter):
 
     @staticmethod
     def _rewrite_for_ort_cpu(proto, form: str, activation_dtype: str, report: Dict[str, Any]) -> Dict[str, Any]:
-        n_gemms = to_ort_cpu_form(proto, form, activation_dtype)
+        n_gemms, n_attention = to_ort_cpu_form(proto, form, activation_dtype)
         dtype = "uint8 (per run)" if form == "ort-cpu-dynamic" else activation_dtype
         entry: Dict[str, Any] = {"form": form, "activation_dtype": dtype, "int8_gemms": n_gemms, "optimized_graph": {}}
+        if n_attention:
+            entry["int8_attention_matmuls"] = n_attention
         if not (form == "ort-cpu-dynamic" or host_fuses(activation_dtype)):
             entry["optimized_graph"] = {"host": platform.machine(), "skipped": f"ORT fuses {activation_dtype} activations only on ARM"}
         report["ort_cpu"] = entry
-        return {"activation_dtype": dtype, "int8_gemms": n_gemms}
+        section = {"activation_dtype": dtype, "int8_gemms": n_gemms}
+        if n_attention:
+            section["int8_attention_matmuls"] = n_attention
+        return section
 
     @staticmethod
     def _fusion_check(path: Path, n_gemms: int) -> Dict[str, Any]:
         """What ORT on this host makes of the saved graph; warns when an int8 GEMM stays float."""
         fused = integer_kernel_report(ort_optimized_graph(path))
         if fused["integer_op_count"] < n_gemms or fused["float_gemms_fed_by_dequantize"]:
-            log.warning("ONNX Runtime fused %d of %d int8 GEMMs into integer kernels on this host", fused["integer_op_count"], n_gemms)
+            log.warning("ONNX Runtime fused %d of %d int8 GEMMs and attention matmuls into integer kernels on this host",
+                        fused["integer_op_count"], n_gemms)
         return {"host": platform.machine(), **fused}

@@ -174,13 +174,31 @@ def softmax_fp32(scores: torch.Tensor) -> torch.Tensor:
     return scores.float().softmax(dim=-1).to(scores.dtype)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fused: bool) -> torch.Tensor:
+class TensorPoint(nn.Identity):
+    """A named point on a tensor of the export form: the identity in fp32, a place where calibration
+    observes the tensor and the int8 plan can put a Q/DQ pair (module names are the plan's keys)."""
+
+
+class AttentionPoints(nn.Module):
+    """The four operands of the attention matmuls: ``q`` (q * scale), ``k`` (k^T), ``v`` and
+    ``probs`` (the softmax output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.probs = TensorPoint(), TensorPoint(), TensorPoint(), TensorPoint()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fused: bool, points: "AttentionPoints" = None) -> torch.Tensor:
     """softmax(q k^T * scale) v over (B, heads, N, head_dim). ``fused``: one
     ``scaled_dot_product_attention`` call (eager speed); else the explicit matmul-softmax-matmul
-    with the softmax in fp32, which is what exporters and quantizers are given (``for_export``)."""
+    with the softmax in fp32, which is what exporters and quantizers are given (``for_export``),
+    its matmul operands passed through ``points`` when given (identities: same numbers)."""
     if fused:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return torch.matmul(softmax_fp32(torch.matmul(q * scale, k.transpose(-2, -1))), v)
+    if points is None:
+        return torch.matmul(softmax_fp32(torch.matmul(q * scale, k.transpose(-2, -1))), v)
+    scores = torch.matmul(points.q(q * scale), points.k(k.transpose(-2, -1)))
+    return torch.matmul(points.probs(softmax_fp32(scores)), points.v(v))
 
 
 class PatchEmbed(nn.Module):
@@ -214,12 +232,13 @@ class Attention(nn.Module):
         self.fused_attn = True
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
+        self.points = AttentionPoints()  # no parameters: the state dict is timm's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        out = attend(q, k, v, self.scale, self.fused_attn)
+        out = attend(q, k, v, self.scale, self.fused_attn, self.points)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 

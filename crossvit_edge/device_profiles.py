@@ -37,6 +37,7 @@ _SECTION_SCHEMA: Dict[str, Dict[str, tuple]] = {
         "int8_form": (str, ONNX_INT8_FORMS),
         "activation_dtype": (str, ONNX_ACTIVATION_DTYPES),
         "ort_fusions": (bool, None),  # ONNX Runtime contrib-op fusions (GELU) for ORT-only graphs
+        "int8_attention": (bool, None),  # int8: the self-attention matmuls too (calibration.plan; docs/cpu_int8.md)
     },
     "tensorrt": {
         "version": (str, None),

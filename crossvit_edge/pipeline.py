@@ -152,12 +152,15 @@ def open_calibration_images(spec: BuildSpec) -> ImageSet:
 
 def stage_calibrate(ctx: ConversionContext) -> None:
     from calibration.collect import CalibrationStatistics, collect_statistics, weights_digest
-    from calibration.plan import build_plan, quantizable_layer_names
+    from calibration.plan import attention_point_names, build_plan, quantizable_layer_names
     from calibration.smoothing import apply_smoothing, smoothing_factors, smoothing_pairs
 
     spec, settings = ctx.spec, ctx.spec.calibration
     model = ctx.fp32_model
-    layers = quantizable_layer_names(model)
+    # the profile's int8 attention option: the attention matmul operands are observed too, in the
+    # export form (the explicit attention that carries them); off, nothing changes
+    attention = bool(spec.option("int8_attention", False))
+    layers = quantizable_layer_names(model) + (attention_point_names(model, calibrated_only=True) if attention else [])
     images: Optional[ImageSet] = None
     if settings.stats is None or settings.data is not None:
         images = open_calibration_images(spec)
@@ -188,10 +191,12 @@ def stage_calibrate(ctx: ConversionContext) -> None:
         stats.check_matches(ctx.model_name, weights_digest(model), layers, str(settings.stats))
         record = {**stats.settings, "method": settings.method, "percentile": settings.percentile, "stats": str(settings.stats)}
     else:
-        stats = run_pass(model, True, "calibrating")
+        from .crossvit import for_export
+
+        stats = run_pass(for_export(model) if attention else model, True, "calibrating")
     amax = stats.amax(settings.method, settings.percentile)
     plan_record = {k: record.get(k) for k in ("method", "percentile", "batch_size", "samples", "seed", "images", "image_set_sha256", "data", "stats")}
-    plan = build_plan(model, ctx.model_name, amax, plan_record)
+    plan = build_plan(model, ctx.model_name, amax, plan_record, attention=attention)
     plan.smoothing = smoothing
     if spec.max_drop is not None:
         from calibration.sensitivity import mixed_precision
@@ -205,10 +210,9 @@ def stage_calibrate(ctx: ConversionContext) -> None:
 
 def load_eval_images(ctx: ConversionContext):
     """(images, labels or None) for checks: --eval-data, else none."""
-    if ctx.spec.eval_data is None:
+    s = ctx.eval_images
+    if s is None:
         return None, None
-    s = open_image_set(ctx.spec.eval_data)
-    s = s.sample(min(ctx.spec.eval_samples, len(s)), seed=0)
     x = s.load(ctx.preprocessing).astype(np.float32)
     y = np.asarray(s.labels) if s.labels is not None else None
     return x, y

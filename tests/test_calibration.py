@@ -1,6 +1,7 @@
 """Range estimators, the streaming statistics pass, LayerNorm folding, the plan and mixed precision."""
 from __future__ import annotations
 
+import copy
 import numpy as np
 import pytest
 import torch
@@ -87,6 +88,65 @@ def test_statistics_are_bit_identical_and_reusable(micro, images, tmp_path):
     for method in ("minmax", "percentile", "entropy", "mse"):
         assert loaded.amax(method) == s1.amax(method)
     assert loaded.weights_sha256 == s1.weights_sha256
+
+
+def test_int8_attention_plan_points_and_qdq_model(micro):
+    """The int8 attention option: the self-attention operands of every ViT block are plan entries
+    (the cross-attention has none), the plan round-trips as data, mixed precision keeps them, and
+    the Q/DQ model quantizes exactly those operands (at a tiny amax the attention output collapses;
+    without the option it does not)."""
+    from calibration.plan import QuantPlan, attention_point_names
+    from calibration.qdq import QDQActivation
+    from crossvit_edge.crossvit import TensorPoint, for_export
+
+    points = attention_point_names(micro)
+    n_blocks = sum(1 for n, _ in micro.named_modules() if n.endswith(".attn.qkv"))
+    assert len(points) == 4 * n_blocks and not any(".fusion." in p for p in points)
+    assert attention_point_names(micro, calibrated_only=True) == [p for p in points if not p.endswith(".probs")]
+    layers = quantizable_layer_names(micro)
+    amax = {n: 2.0 for n in layers + points if not n.endswith(".probs")}
+    off, on = build_plan(micro, "micro", amax, {}), build_plan(micro, "micro", amax, {}, attention=True)
+    assert "attention_matmuls" not in off.to_dict() and QuantPlan.from_dict(off.to_dict()).attention is None
+    d = on.to_dict()
+    assert [t["name"] for t in d["attention_matmuls"]["tensors"]] == points
+    assert {t["amax"] for t in d["attention_matmuls"]["tensors"] if t["tensor"] == "probs"} == {1.0}
+    assert QuantPlan.from_dict(d).to_dict() == d
+    assert on.with_float(layers[:1], "test").attention == on.attention
+    with pytest.raises(KeyError, match="attention operand"):
+        build_plan(micro, "micro", {n: 2.0 for n in layers}, {}, attention=True)
+    # the fp32 export form carries identity points: the same numbers as the eager model
+    x = torch.randn(2, 3, 240, 240)
+    with torch.no_grad():
+        eager, exported = micro(x), for_export(micro)(x)
+    assert sum(isinstance(m, TensorPoint) for m in for_export(micro).modules()) == len(points)
+    torch.testing.assert_close(exported, eager, atol=1e-4, rtol=1e-4)
+    qmodel = apply_qdq(micro, on)
+    assert sum(isinstance(m, QDQActivation) for m in qmodel.modules()) == len(points)
+    assert not any(isinstance(m, TensorPoint) for m in qmodel.modules())
+    # numbers, at the first block's attention output. Random weights attend almost uniformly over
+    # 401 tokens (p ~ 0.0025, below half the softmax output's 1/127 step: the int8 attention output
+    # would be 0), so the qkv weights are scaled up here to give trained-like, peaked attention.
+    sharp = copy.deepcopy(micro)
+    for name, m in sharp.named_modules():
+        if name.endswith(".attn.qkv"):
+            m.weight.data.mul_(8.0)
+    stats = collect_statistics(for_export(sharp), "micro", layers + attention_point_names(sharp, calibrated_only=True), [x.numpy()])
+    observed = stats.amax("minmax")
+    name = points[0].rpartition(".points.")[0]
+    seen = {}
+    handle = sharp.get_submodule(name).register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
+    with torch.no_grad():
+        sharp(x)
+    handle.remove()
+    wrong_v = {**observed, **{p: 1e-3 * observed[p] for p in points if p.endswith(".v")}}
+    errors = {}
+    for key, plan in (("layers only", build_plan(sharp, "micro", observed, {})),
+                      ("attention", build_plan(sharp, "micro", observed, {}, attention=True)),
+                      ("wrong v range", build_plan(sharp, "micro", wrong_v, {}, attention=True))):
+        with torch.no_grad():
+            errors[key] = float((apply_qdq(sharp, plan).get_submodule(name)(seen["x"]) - seen["y"]).abs().mean())
+    scale = float(seen["y"].abs().mean())
+    assert errors["layers only"] < errors["attention"] < 0.1 * scale < errors["wrong v range"], (errors, scale)
 
 
 def test_plan_places_int8_only_on_the_weighted_layers_of_the_blocks(model):

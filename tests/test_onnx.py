@@ -238,6 +238,117 @@ def test_ort_cpu_dynamic_form_quantizes_the_same_layers(cpu_form_bundles, micro_
     assert cosine.min() >= 0.99, cosine
 
 
+def _cosine(a, b):
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def attention_bundles(micro_checkpoint, digits_dir, tmp_path_factory):
+    """int8 with the plan's int8 attention option: the ORT CPU form (own calibration pass, which
+    observes the attention operands) and the TensorRT form from the same statistics."""
+    tmp = tmp_path_factory.mktemp("onnx_attention")
+    out, stats = {}, None
+    for form in ("ort-cpu", "tensorrt"):
+        calib = CalibrationSettings(data=None if stats else digits_dir / "train", samples=32, method="entropy", stats=stats)
+        spec = BuildSpec(target="onnx", output=tmp / form, precision="int8", checkpoint=str(micro_checkpoint), calibration=calib,
+                         options={"int8_form": form, "int8_attention": True, "ort_fusions": form == "ort-cpu"})
+        convert(spec)
+        stats = stats or spec.output / "calibration_stats.npz"
+        out[form] = spec.output
+    return out
+
+
+def test_int8_attention_off_leaves_the_graph_unchanged(bundles, cpu_form_bundles, micro_checkpoint, tmp_path):
+    from converters.onnx import _attention_matmuls, _const_values
+
+    # off said explicitly builds the very bytes of the default (the form without the option)
+    spec = BuildSpec(target="onnx", output=tmp_path / "off", precision="int8", checkpoint=str(micro_checkpoint),
+                     calibration=CalibrationSettings(stats=bundles["int8"] / "calibration_stats.npz", method="entropy"),
+                     options={"int8_form": "ort-cpu", "ort_fusions": True, "int8_attention": False})
+    convert(spec)
+    default, off = (_runner(b)[0].artifact_path for b in (cpu_form_bundles["ort-cpu"], spec.output))
+    assert default.read_bytes() == off.read_bytes()
+    for bundle in (bundles["int8"], spec.output):
+        manifest = read_manifest(bundle)
+        assert "attention_matmuls" not in manifest["quantization_plan"] and "int8_attention" not in manifest["onnx"]
+        assert "attention score and value matmuls" in manifest["quantization_plan"]["float_ops"]
+        proto = onnx.load(str(_runner(bundle)[0].artifact_path))
+        assert _attention_matmuls(proto.graph, _const_values(proto.graph)) == []
+    with pytest.raises(Exception, match="int8_attention"):
+        convert(BuildSpec(target="onnx", output=tmp_path / "bad", precision="int8", checkpoint=str(micro_checkpoint),
+                          calibration=CalibrationSettings(stats=bundles["int8"] / "calibration_stats.npz"),
+                          options={"int8_attention": "yes"}))
+
+
+def test_int8_attention_option_runs_integer_attention_matmuls(attention_bundles, micro_checkpoint, val_images):
+    import json
+
+    from calibration.plan import QuantPlan
+    from calibration.qdq import apply_qdq
+    from converters.onnx import _attention_matmuls, _const_values, integer_kernel_report, ort_optimized_graph
+
+    model = load_checkpoint(micro_checkpoint).model
+    n_blocks = sum(1 for n, _ in model.named_modules() if n.endswith(".attn.qkv"))  # self-attention blocks
+    x, _ = val_images
+    ref = reference_logits(model, x)
+    # the plan: q * scale, k^T, v calibrated, the softmax output on [0, 1]; the cross-attention stays float
+    trt_runner, manifest = _runner(attention_bundles["tensorrt"], exact=True)
+    plan = manifest["quantization_plan"]
+    tensors = plan["attention_matmuls"]["tensors"]
+    assert len(tensors) == 4 * n_blocks and all(".blocks." in t["name"] and ".fusion." not in t["name"] for t in tensors)
+    assert all(t["amax"] == 1.0 and not t["calibrated"] for t in tensors if t["tensor"] == "probs")
+    assert all(t["amax"] > 0 and t["calibrated"] for t in tensors if t["tensor"] != "probs")
+    assert "attention score and value matmuls" not in plan["float_ops"]
+    # TensorRT form: still TensorRT-legal; the attention operands carry the plan's scales; ORT with
+    # optimisations off computes the PyTorch Q/DQ model (quantization error as the yardstick)
+    proto = onnx.load(str(trt_runner.artifact_path))
+    check_qdq_rules(proto)
+    consts = _const_values(proto.graph)
+    found = _attention_matmuls(proto.graph, consts)
+    assert len(found) == 2 * n_blocks
+    graph_scales = {float(consts[pair[0].input[1]]) for _, a, b in found for pair in (a, b)}
+    assert graph_scales == {float(np.float32(t["amax"] / 127)) for t in tensors}
+    sim = reference_logits(apply_qdq(model, QuantPlan.from_dict(plan)), x)
+    trt_exact = run_batched(trt_runner, x)
+    quant_error = np.abs(sim - ref).mean()
+    assert np.abs(trt_exact - sim).mean() < 0.2 * quant_error
+    # ORT CPU form: k^T and v keep the int8 grid, q * scale is uint8 (zero point 128), the softmax
+    # output uint8 with step 1/255 and zero point 0
+    runner, manifest = _runner(attention_bundles["ort-cpu"])
+    assert manifest["onnx"]["int8_attention"] and manifest["onnx"]["int8_attention_matmuls"] == 2 * n_blocks
+    assert manifest["quantization_plan"]["attention_matmuls"] == plan["attention_matmuls"]
+    proto = onnx.load(str(runner.artifact_path))
+    consts = _const_values(proto.graph)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    found = _attention_matmuls(proto.graph, consts)
+    assert len(found) == 2 * n_blocks
+    for _, (q_a, _dq_a), (q_b, _dq_b) in found:
+        zp_a, zp_b = consts[q_a.input[2]], consts[q_b.input[2]]
+        assert zp_b.dtype == np.int8 and int(zp_b) == 0 and zp_a.dtype == np.uint8
+        if producer[q_a.input[0]].op_type == "Softmax":
+            assert int(zp_a) == 0 and float(consts[q_a.input[1]]) == float(np.float32(1 / 255))
+        else:
+            assert int(zp_a) == 128
+    # what ORT runs: integer kernels for every int8 GEMM and attention matmul, no DQ on a float GEMM
+    n_linear = sum(1 for l in plan["layers"] if l["precision"] == "int8" and l["kind"] == "linear")
+    fused = integer_kernel_report(ort_optimized_graph(runner.artifact_path))
+    assert fused["integer_ops"]["QGemm"] == n_linear
+    attention_ops = {k: v for k, v in fused["integer_ops"].items() if k != "QGemm"}
+    assert set(attention_ops) <= {"MatMulIntegerToFloat", "QLinearMatMul"} and sum(attention_ops.values()) == 2 * n_blocks, fused
+    assert fused["float_gemms_fed_by_dequantize"] == []
+    report = json.loads((attention_bundles["ort-cpu"] / "onnx_report.json").read_text())
+    assert report["ort_cpu"]["optimized_graph"]["integer_ops"] == fused["integer_ops"]
+    # numbers: the integer kernels compute the artifact's exact Q/DQ semantics up to float rounding,
+    # and the artifact stays close to fp32
+    exact = run_batched(_runner(attention_bundles["ort-cpu"], exact=True)[0], x)
+    got = run_batched(runner, x)
+    cpu_error = np.abs(exact - ref).mean()
+    assert np.abs(got - exact).mean() < 0.05 * cpu_error  # measured: 1e-4 of it
+    assert np.abs(got - ref).mean() < 1.5 * cpu_error
+    assert _cosine(got, ref).min() >= 0.99, _cosine(got, ref)  # measured: 0.994 on this random-weight micro model
+    assert (got.argmax(1) == exact.argmax(1)).mean() >= 0.9
+
+
 def test_int8_form_comes_from_the_profile_and_is_checked(bundles, tmp_path):
     import json
 
