@@ -21,6 +21,9 @@ observers (HistogramObserver: the L2-optimal range of a histogram) are calibrate
 images as every other target (the plan's own clipping ranges are not imported). XNNPACK's static int8 GEMM also writes an int8 output, so
 each plan layer's output is quantized too, with its own calibrated scale, and read back through a
 dequantize by its float consumer. The report lists the layers the program really holds in int8.
+When the plan carries int8 attention operands (build option ``int8_attention``), the two ``bmm`` of
+each ViT block's self-attention are annotated too and lowered to XNNPACK's QS8 batch matmul
+(``partitioner``); on the demo model this breaks the accuracy bounds (docs/executorch_int8.md).
 
 Costs worth knowing: ExecuTorch 1.5's lowering runs in Python over the whole graph (about 100 s
 for crossvit_tiny at fp32 on this project's 2-core machines, more at int8: the Q/DQ nodes triple the
@@ -145,9 +148,11 @@ def _module_path(node) -> str:
     return path[len("L['self'].") :] if path.startswith("L['self'].") else path
 
 
-def plan_quantizer(layer_names):
+def plan_quantizer(layer_names, attention_modules=()):
     """XNNPACK's quantizer restricted to the plan: per-channel symmetric int8 weights and static
-    per-tensor int8 activations on the ``linear`` / ``conv`` op of each plan layer, nothing else.
+    per-tensor int8 activations on the ``linear`` / ``conv`` op of each plan layer, nothing else;
+    and the two ``bmm`` of each attention module named in ``attention_modules`` (the plan's int8
+    attention option, ``attention_bmm_qspecs``).
 
     The stock ``XNNPACKQuantizer.set_module_name`` does not give that: after annotating, it
     propagates the quantized outputs of those layers through reshape / permute / slice, and
@@ -163,7 +168,7 @@ def plan_quantizer(layer_names):
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY, QuantizationAnnotation
 
-    names = set(layer_names)
+    names, attention = set(layer_names), set(attention_modules)
     weighted = (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
     config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
 
@@ -177,9 +182,74 @@ def plan_quantizer(layer_names):
                     node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
                         input_qspec_map=qspecs, output_qspec=config.output_activation, _annotated=True
                     )
+                elif node.op == "call_function" and node.target == torch.ops.aten.bmm.default and _module_path(node) in attention:
+                    a_spec, b_spec, out_spec = attention_bmm_qspecs(node, config)
+                    node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
+                        input_qspec_map={node.args[0]: a_spec, node.args[1]: b_spec}, output_qspec=out_spec, _annotated=True
+                    )
             return model
 
     return PlanQuantizer()
+
+
+SELF_ATTENTION = re.compile(r"^blocks\.\d+\.blocks\.\d+\.\d+\.attn$")
+
+
+def int8_attention_modules(plan, model) -> List[str]:
+    """The attention modules whose matmuls run int8: those of the plan's ``attention`` entries
+    (operand points ``<module>.points.q`` ...: the ViT blocks' self-attention; the one-query
+    cross-attention stays float) when the plan has them, else none. Read defensively: a plan from
+    before the option has no such field."""
+    entries = getattr(plan, "attention", None)
+    if not entries:
+        return []
+    modules = {re.sub(r"\.points\.\w+$", "", str(getattr(t, "name", ""))) for t in entries}
+    return sorted(n for n, _ in model.named_modules() if n in modules and SELF_ATTENTION.match(n))
+
+
+def attention_bmm_qspecs(node, config):
+    """(first input, second input, output) specs of one attention ``bmm``, in the only form
+    XNNPACK's integer batch matmul takes: all three int8 per-tensor (QS8 x QS8 -> QS8), the second
+    operand (K^T in the scores, V in the output) symmetric, as XNNPACK refuses a non-zero zero point
+    there. The first operand is Q (asymmetric, calibrated) in the scores and the softmax output in the
+    values: that one gets fixed parameters for [0, 1] (scale 1/255, every level used, no calibration
+    that could clip a peaked attention row). The output is int8 too (the kernel writes int8),
+    calibrated; its float consumers (softmax, the head merge) read it through a dequantize."""
+    import torch
+    from torchao.quantization.pt2e.quantizer import FixedQParamsQuantizationSpec, QuantizationSpec
+
+    act = config.input_activation  # XNNPACK's: asymmetric per-tensor int8, histogram observer
+    symmetric = QuantizationSpec(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_tensor_symmetric,
+                                 observer_or_fake_quant_ctr=act.observer_or_fake_quant_ctr)
+    first = node.args[0]
+    if first.op == "call_function" and first.target in (torch.ops.aten.softmax.int, torch.ops.aten._softmax.default):
+        a_spec = FixedQParamsQuantizationSpec(dtype=torch.int8, scale=1.0 / 255.0, zero_point=-128, quant_min=-128, quant_max=127,
+                                              qscheme=torch.per_tensor_affine)
+    else:
+        a_spec = act
+    return a_spec, symmetric, act
+
+
+def partitioner(int8_attention: bool = False):
+    """XNNPACK's partitioner; with ``int8_attention`` its batch-matmul config also takes the static
+    int8 pattern (dequantize -> bmm -> quantize). ExecuTorch 1.5's ``BMMConfig`` lists fp32 only, but
+    the runtime's XNNPACK has the QS8 batch matmul (``xnn_create_batch_matrix_multiply_nc_qs8``) and the
+    serializer writes quantized tensors for any node whose inputs are tagged Q/DQ: only the config
+    stands in the way. Without this, the dequantized operands of an annotated bmm are lowered as
+    conversions in front of a float batch matmul: extra work, no integer arithmetic."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import BMMConfig
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    if not int8_attention:
+        return XnnpackPartitioner()
+
+    class QuantizedBMMConfig(BMMConfig):
+        def supported_precision_types(self):
+            return [ConfigPrecisionType.FP32, ConfigPrecisionType.STATIC_QUANT]
+
+    return XnnpackPartitioner(configs=[c for c in ALL_PARTITIONER_CONFIGS if c is not BMMConfig] + [QuantizedBMMConfig])
 
 
 def quantization_summary(exported) -> Dict[str, Any]:
@@ -188,23 +258,27 @@ def quantization_summary(exported) -> Dict[str, Any]:
     import torch
 
     weighted = (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
-    int8_layers, quantized_outputs = [], Counter()
+    int8_layers, quantized_outputs, int8_bmm = [], Counter(), 0
     for node in exported.graph.nodes:
         if node.op != "call_function":
             continue
         if node.target in weighted and "dequantize_per_channel" in str(getattr(node.args[1], "target", "")):
             int8_layers.append(_module_path(node))
+        if node.target == torch.ops.aten.bmm.default and all("dequantize_per_tensor" in str(getattr(a, "target", "")) for a in node.args[:2]):
+            int8_bmm += 1
         if any("quantize_per_tensor" in str(u.target) and "dequantize" not in str(u.target) for u in node.users):
             quantized_outputs[str(node.target).replace("aten.", "")] += 1
-    return {"int8_layers": sorted(set(int8_layers)), "quantized_outputs_by_op": dict(sorted(quantized_outputs.items()))}
+    return {"int8_layers": sorted(set(int8_layers)), "int8_attention_matmuls": int8_bmm,
+            "quantized_outputs_by_op": dict(sorted(quantized_outputs.items()))}
 
 
 def stage_quantize(model, example, plan, calibration_batches):
-    """PT2E: annotate the plan's int8 layers only, calibrate, convert; returns an exported program."""
+    """PT2E: annotate the plan's int8 layers only (and its int8 attention matmuls, when the plan
+    has them), calibrate, convert; returns an exported program."""
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = plan_quantizer([layer.name for layer in plan.int8_layers()])
+    quantizer = plan_quantizer([layer.name for layer in plan.int8_layers()], int8_attention_modules(plan, model))
     graph = torch.export.export(model.eval(), (example,), strict=True).module()
     prepared = prepare_pt2e(graph, quantizer)
     images = 0
@@ -222,12 +296,11 @@ def stage_quantize(model, example, plan, calibration_batches):
     return torch.export.export(converted, (example,), strict=True)
 
 
-def stage_lower(exported, etrecord: bool = False):
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+def stage_lower(exported, etrecord: bool = False, int8_attention: bool = False):
     from executorch.exir import to_edge_transform_and_lower
 
     # generate_etrecord keeps the graphs the Inspector needs to name the ETDump's events
-    return to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()], generate_etrecord=etrecord)
+    return to_edge_transform_and_lower(exported, partitioner=[partitioner(int8_attention)], generate_etrecord=etrecord)
 
 
 def delegation_report(edge) -> Dict[str, Any]:
@@ -331,12 +404,14 @@ class ExecuTorchConverter(Converter):
     def convert(self, ctx, out_dir: Path) -> Artifact:
         example = ctx.example_input()
         want_etdump = bool(ctx.spec.option("etdump", False))
+        int8_attention = False
         if ctx.spec.precision == "int8":
             exported = stage_quantize(stage_adapt(ctx.calibration.model), example, ctx.plan, ctx.calibration_batches())
             report_quant = quantization_summary(exported)
+            int8_attention = report_quant["int8_attention_matmuls"] > 0
         else:
             exported = stage_capture(stage_adapt(ctx.fp32_model), example)
-        edge = stage_lower(exported, etrecord=want_etdump)
+        edge = stage_lower(exported, etrecord=want_etdump, int8_attention=int8_attention)
         report = delegation_report(edge)
         if ctx.spec.precision == "int8":
             report["quantization"] = report_quant
@@ -351,7 +426,8 @@ class ExecuTorchConverter(Converter):
             files.append(bp)
         if want_etdump:
             log.info("profiling one input with ETDump")
-            report["etdump"] = stage_profile(program, out_dir / name, _test_inputs(ctx, 1), out_dir / f"{stem}.etdp", out_dir / f"{stem}.etrecord")
+            report["etdump"] = stage_profile(program, out_dir / name, _test_inputs(ctx, 1), out_dir / f"{stem}.etdp", out_dir / f"{stem}.etrecord",
+                                             runs=int(ctx.spec.option("etdump_runs", 5)))
             files += [f"{stem}.etdp", f"{stem}.etrecord"]
         if report["portable_op_count"]:
             log.info("ops left on portable kernels: %s", report["portable_ops"])
@@ -362,6 +438,7 @@ class ExecuTorchConverter(Converter):
             manifest={
                 "executorch": {
                     "backend": "xnnpack",
+                    "int8_attention_matmuls": int8_attention,
                     "delegate_calls": report["delegate_calls"],
                     "portable_ops": report["portable_ops"],
                     "bundled_program": f"{stem}.bpte" if n_bundled else None,

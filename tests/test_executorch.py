@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("executorch")
 
-from converters.executorch import ExecuTorchRunner, stage_adapt  # noqa: E402
+from converters.executorch import SELF_ATTENTION, ExecuTorchRunner, stage_adapt  # noqa: E402
 from crossvit_edge.bundle import read_manifest  # noqa: E402
 from crossvit_edge.checkpoint import load_checkpoint  # noqa: E402
 from crossvit_edge.crossvit import create_model  # noqa: E402
@@ -142,6 +142,51 @@ def test_int8_follows_the_plan(tmp_path, micro_checkpoint, digits_dir):
     fp32 = reference_logits(load_checkpoint(micro_checkpoint).model, x)
     got = run_batched(_runner(bundle), x)
     assert got.shape == fp32.shape and not np.allclose(got, fp32, atol=1e-6)  # it is really quantized
+
+
+def test_int8_attention_follows_the_plan_and_is_off_without_it():
+    """Which attention modules get int8 matmuls comes from the plan's attention entries only: a plan
+    without the field (older plans, the option off) gives none; cross-attention never does."""
+    from types import SimpleNamespace
+
+    from converters.executorch import int8_attention_modules
+
+    torch.manual_seed(0)
+    model = create_model("crossvit_tiny_240", num_classes=3)
+    assert int8_attention_modules(SimpleNamespace(), model) == []
+    assert int8_attention_modules(SimpleNamespace(attention=None), model) == []
+    names = ["blocks.0.blocks.0.0.attn", "blocks.2.blocks.1.3.attn", "blocks.0.fusion.0.attn"]
+    entries = [SimpleNamespace(name=f"{n}.points.{t}") for n in names for t in ("q", "k", "v", "probs")]
+    assert int8_attention_modules(SimpleNamespace(attention=entries), model) == names[:2]
+
+
+def test_int8_attention_matmuls_run_on_xnnpack_integer_kernels(tmp_path, micro_checkpoint, digits_dir):
+    """``int8_attention``: the plan lists the self-attention matmul operands, both matmuls of each
+    ViT block's self-attention are static int8 and XNNPACK runs them as its QS8 batch matmul (ETDump
+    names the kernel; the one-query cross-attention keeps its float bmm), nothing is left to
+    portable kernels, and the logits stay close to fp32."""
+    bundle = _build(tmp_path, micro_checkpoint, "int8", digits_dir, samples=16, eval_samples=8, int8_attention=True, etdump=True)
+    manifest = read_manifest(bundle)
+    report = json.loads((bundle / "executorch_report.json").read_text())
+    assert report["delegate_calls"] == 1 and report["portable_op_count"] == 0, report
+    assert manifest["executorch"]["int8_attention_matmuls"] is True
+    model = load_checkpoint(micro_checkpoint).model
+    self_attention = [n for n, _ in model.named_modules() if SELF_ATTENTION.match(n)]
+    cross_attention = [n for n, _ in model.named_modules() if n.endswith(".attn") and n not in self_attention]
+    assert self_attention and cross_attention
+    plan = json.loads((bundle / "quant_plan.json").read_text())
+    assert {t["name"].rsplit(".points.", 1)[0] for t in plan["attention_matmuls"]["tensors"]} == set(self_attention)
+    assert report["quantization"]["int8_attention_matmuls"] == 2 * len(self_attention), report["quantization"]
+    ops = report["etdump"]["ops_by_kind"]
+    bmm = {k: v["count"] for k, v in ops.items() if k.startswith("Batch Matrix Multiply")}
+    assert bmm == {"Batch Matrix Multiply (NC, QS8) GEMM": 2 * len(self_attention),
+                   "Batch Matrix Multiply (NC, F32) GEMM": 2 * len(cross_attention)}, bmm
+    x, _ = _images(digits_dir, 8)
+    fp32 = reference_logits(model, x)
+    got = run_batched(_runner(bundle), x)
+    cosine = (got * fp32).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(fp32, axis=1))
+    assert cosine.min() >= 0.98, cosine
+    assert not np.allclose(got, fp32, atol=1e-6)
 
 
 def test_int8_dagger_stems_follow_the_plan(tmp_path, digits_dir, micro_model_registered):
