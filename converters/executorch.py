@@ -192,19 +192,17 @@ def plan_quantizer(layer_names, attention_modules=()):
     return PlanQuantizer()
 
 
-SELF_ATTENTION = re.compile(r"^blocks\.\d+\.blocks\.\d+\.\d+\.attn$")
-
-
 def int8_attention_modules(plan, model) -> List[str]:
-    """The attention modules whose matmuls run int8: those of the plan's ``attention`` entries
-    (operand points ``<module>.points.q`` ...: the ViT blocks' self-attention; the one-query
-    cross-attention stays float) when the plan has them, else none. Read defensively: a plan from
-    before the option has no such field."""
-    entries = getattr(plan, "attention", None)
-    if not entries:
-        return []
-    modules = {re.sub(r"\.points\.\w+$", "", str(getattr(t, "name", ""))) for t in entries}
-    return sorted(n for n, _ in model.named_modules() if n in modules and SELF_ATTENTION.match(n))
+    """The attention modules whose matmuls run int8: the owners of the plan's ``attention`` entries
+    (operand points ``<module>.points.q`` ...; the plan's own pattern admits only the ViT blocks'
+    self-attention, the one-query cross-attention stays float), else none. Read defensively: a plan
+    from before the option has no such field."""
+    from calibration.plan import ATTENTION_POINT
+
+    entries = getattr(plan, "attention", None) or []
+    names = (str(getattr(t, "name", "")) for t in entries)
+    modules = {name.rsplit(".points.", 1)[0] for name in names if ATTENTION_POINT.match(name)}
+    return sorted(n for n, _ in model.named_modules() if n in modules)
 
 
 def attention_bmm_qspecs(node, config):

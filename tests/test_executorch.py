@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("executorch")
 
-from converters.executorch import SELF_ATTENTION, ExecuTorchRunner, stage_adapt  # noqa: E402
+from converters.executorch import ExecuTorchRunner, stage_adapt  # noqa: E402
 from crossvit_edge.bundle import read_manifest  # noqa: E402
 from crossvit_edge.checkpoint import load_checkpoint  # noqa: E402
 from crossvit_edge.crossvit import create_model  # noqa: E402
@@ -171,8 +171,10 @@ def test_int8_attention_matmuls_run_on_xnnpack_integer_kernels(tmp_path, micro_c
     assert report["delegate_calls"] == 1 and report["portable_op_count"] == 0, report
     assert manifest["executorch"]["int8_attention_matmuls"] is True
     model = load_checkpoint(micro_checkpoint).model
-    self_attention = [n for n, _ in model.named_modules() if SELF_ATTENTION.match(n)]
-    cross_attention = [n for n, _ in model.named_modules() if n.endswith(".attn") and n not in self_attention]
+    from crossvit_edge.crossvit import Attention, CrossAttention
+
+    self_attention = [n for n, m in model.named_modules() if isinstance(m, Attention)]
+    cross_attention = [n for n, m in model.named_modules() if isinstance(m, CrossAttention)]
     assert self_attention and cross_attention
     plan = json.loads((bundle / "quant_plan.json").read_text())
     assert {t["name"].rsplit(".points.", 1)[0] for t in plan["attention_matmuls"]["tensors"]} == set(self_attention)
