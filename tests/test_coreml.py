@@ -86,6 +86,16 @@ def _cosine(a, b):
     return np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
+def _run_close_to(bundle, images, reference, min_cosine: float, min_agreement: float):
+    """Run the bundle in the checker and assert its logits against the fp32 reference: every image's
+    cosine above ``min_cosine``, top-1 agreement at least ``min_agreement``. Returns (runner, manifest)."""
+    runner, manifest = _runner(bundle)
+    got = run_batched(runner, images)
+    assert _cosine(got, reference).min() > min_cosine
+    assert (got.argmax(1) == reference.argmax(1)).mean() >= min_agreement
+    return runner, manifest
+
+
 def _program(bundle):
     manifest = read_manifest(bundle)
     return MILProgram.load(bundle / manifest["artifact"]["file"]), manifest
@@ -155,10 +165,7 @@ def test_fp32_program_matches_pytorch(fp32, images, reference):
 
 
 def test_fp16_agrees_with_fp32(fp16, images, reference):
-    runner, manifest = _runner(fp16)
-    got = run_batched(runner, images)
-    assert _cosine(got, reference).min() > 0.999
-    assert (got.argmax(1) == reference.argmax(1)).mean() >= 5 / 6
+    runner, manifest = _run_close_to(fp16, images, reference, 0.999, 5 / 6)
     program, _ = _program(fp16)
     dtypes = program.output_dtype_counts()
     # float32 I/O: one cast in, one cast out; everything between is fp16 (the Neural Engine's type)
@@ -167,10 +174,7 @@ def test_fp16_agrees_with_fp32(fp16, images, reference):
 
 
 def test_int8_weights_close_to_fp32_and_small(int8_weights, fp32, images, reference):
-    runner, manifest = _runner(int8_weights)
-    got = run_batched(runner, images)
-    assert _cosine(got, reference).min() > 0.995
-    assert (got.argmax(1) == reference.argmax(1)).mean() >= 5 / 6
+    runner, manifest = _run_close_to(int8_weights, images, reference, 0.995, 5 / 6)
     program, _ = _program(int8_weights)
     report = _report(int8_weights)
     # every linear / conv weight above coremltools' size threshold is int8 (the 10-class heads are not)
@@ -226,10 +230,7 @@ def _assert_int8_exactly_on_plan_layers(program, manifest, model) -> set:
 
 
 def test_w8a8_follows_the_plan_and_stays_close(w8a8, fp32, images, reference):
-    runner, manifest = _runner(w8a8)
-    got = run_batched(runner, images)
-    assert _cosine(got, reference).min() > 0.99
-    assert (got.argmax(1) == reference.argmax(1)).mean() >= 4 / 6
+    runner, manifest = _run_close_to(w8a8, images, reference, 0.99, 4 / 6)
     program, _ = _program(w8a8)
     assert program.opset == "CoreML7" and manifest["coreml"]["minimum_deployment_target"] == "iOS17"
     plan_layers = {l["name"] for l in manifest["quantization_plan"]["layers"] if l["precision"] == "int8"}
