@@ -154,6 +154,26 @@ class QuantPlan:
         attention = None if self.attention is None else [TensorPlan(**asdict(t)) for t in self.attention]
         return QuantPlan(self.model, layers, dict(self.calibration), self.smoothing, self.mixed_precision, attention)
 
+    def attention_modules(self) -> List[str]:
+        """The attention modules whose two matmuls the plan runs int8 (the owners of the operand
+        points ``<module>.points.q`` ...), in plan order; empty without the option."""
+        owners: List[str] = []
+        for t in self.attention or []:
+            owner = t.name.rsplit(".points.", 1)[0]
+            if owner not in owners:
+                owners.append(owner)
+        return owners
+
+    def with_float_attention(self, modules: Iterable[str]) -> "QuantPlan":
+        """A copy whose attention matmuls in ``modules`` run in float: their operand entries are
+        dropped, all four at once, so every target sees both matmuls of a module in one precision.
+        With the option on, the ``attention_matmuls`` entry stays (possibly with no tensors)."""
+        modules = set(modules)
+        plan = self.with_float((), "")
+        if plan.attention is not None:
+            plan.attention = [t for t in plan.attention if t.name.rsplit(".points.", 1)[0] not in modules]
+        return plan
+
     def to_dict(self) -> Dict[str, Any]:
         d = {
             "model": self.model,

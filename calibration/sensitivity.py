@@ -6,6 +6,9 @@ Runtime computes for the exported Q/DQ graph, so the plan it returns holds for e
 The score is top-1 against labels when the held-out images are labelled, top-1 agreement with fp32
 otherwise; a layer's sensitivity is the KL divergence from fp32 when only that layer is int8 (finer
 than top-1 on a few hundred images).
+
+With the plan's int8 attention option, each attention module's two matmuls are one more candidate
+(a "layer" of kind ``attention``): probed alone like a layer, returned to float as a pair.
 """
 from __future__ import annotations
 
@@ -70,20 +73,27 @@ def mixed_precision(
 
     subset = images[:sensitivity_images]
     ref_subset = reference[: len(subset)]
+    layers = [l.name for l in plan.int8_layers()]
+    attention = plan.attention_modules()
     sensitivities: Dict[str, float] = {}
-    for layer in tqdm(plan.int8_layers(), desc="layer sensitivity", unit="layer", leave=False):
-        others = [l.name for l in plan.int8_layers() if l.name != layer.name]
-        single = plan.with_float(others, "sensitivity probe")
-        sensitivities[layer.name] = _kl(ref_subset, _logits(apply_qdq(model, single), subset))
+    for unit in tqdm(layers + attention, desc="layer sensitivity", unit="layer", leave=False):
+        # only this unit int8: every other layer and every other attention module in float
+        single = plan.with_float([n for n in layers if n != unit], "sensitivity probe")
+        single = single.with_float_attention([m for m in attention if m != unit])
+        sensitivities[unit] = _kl(ref_subset, _logits(apply_qdq(model, single), subset))
     ranked = sorted(sensitivities, key=lambda n: -sensitivities[n])
 
     returned: List[Dict] = []
     current = plan
     score = full_score
     for name in ranked:
-        current = current.with_float([name], "returned to float by --max-drop (sensitive)")
+        if name in attention:
+            current = current.with_float_attention([name])
+        else:
+            current = current.with_float([name], "returned to float by --max-drop (sensitive)")
         new_score = _score(_logits(apply_qdq(model, current), images), reference, labels)
-        returned.append({"layer": name, "sensitivity_kl": sensitivities[name], "score_after": new_score, "gain_points": 100.0 * (new_score - score)})
+        returned.append({"layer": name, "kind": "attention" if name in attention else current.get(name).kind,
+                         "sensitivity_kl": sensitivities[name], "score_after": new_score, "gain_points": 100.0 * (new_score - score)})
         score = new_score
         if 100.0 * (base_score - score) <= max_drop:
             break

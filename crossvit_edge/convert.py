@@ -132,7 +132,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"(drop {mixed['final_drop_points']:.2f} points, budget {mixed['max_drop_points']})"
             )
             for r in mixed["returned_to_float"]:
-                print(f"  kept float: {r['layer']} (sensitivity KL {r['sensitivity_kl']:.2e}, +{r['gain_points']:.2f} points)")
+                what = f"{r['layer']} (its q k^T and probs v)" if r.get("kind") == "attention" else r["layer"]
+                print(f"  kept float: {what} (sensitivity KL {r['sensitivity_kl']:.2e}, +{r['gain_points']:.2f} points)")
         print(json.dumps(summary))
         for warning in check.get("warnings", []):  # again after the summary, where a CI log ends
             print(f"{PROG}: WARNING: {warning}", file=sys.stderr)

@@ -149,6 +149,42 @@ def test_int8_attention_plan_points_and_qdq_model(micro):
     assert errors["layers only"] < errors["attention"] < 0.1 * scale < errors["wrong v range"], (errors, scale)
 
 
+def test_mixed_precision_returns_int8_attention_matmuls_to_float_as_a_pair(micro, images):
+    """With the int8 attention option, each attention module's matmuls are one more candidate: a
+    module whose v range is broken is probed alone, ranked most sensitive and returned to float
+    (all four operand points leave the plan); the layers' int8 stays as planned."""
+    from calibration.plan import attention_point_names
+    from calibration.sensitivity import mixed_precision
+    from crossvit_edge.crossvit import for_export
+
+    sharp = copy.deepcopy(micro)  # peaked attention, as trained models have (see the test above)
+    for name, m in sharp.named_modules():
+        if name.endswith(".attn.qkv"):
+            m.weight.data.mul_(8.0)
+    layers = quantizable_layer_names(sharp)
+    points = attention_point_names(sharp, calibrated_only=True)
+    amax = collect_statistics(for_export(sharp), "micro", layers + points, [images[:8]]).amax("minmax")
+    plan = build_plan(sharp, "micro", amax, {}, attention=True)
+    modules = plan.attention_modules()
+    assert len(modules) >= 2 and all(m.endswith(".attn") for m in modules)
+    broken = modules[0]
+    amax[broken + ".points.v"] *= 1e-3
+    keep = layers[:2]
+    plan = build_plan(sharp, "micro", amax, {}, attention=True).with_float(layers[2:], "test")
+    out = mixed_precision(sharp, plan, images, None, max_drop=0.0, sensitivity_images=8)
+    rec = out.mixed_precision
+    assert rec["all_int8_score"] < rec["fp32_score"]
+    first = rec["returned_to_float"][0]
+    assert (first["layer"], first["kind"]) == (broken, "attention"), rec["returned_to_float"]
+    assert broken not in out.attention_modules() and not any(t.name.startswith(broken + ".") for t in out.attention)
+    assert len(out.attention) == len(plan.attention) - 4 * sum(r["kind"] == "attention" for r in rec["returned_to_float"])
+    assert rec["final_drop_points"] <= 1e-9
+    returned_layers = {r["layer"] for r in rec["returned_to_float"] if r["kind"] != "attention"}
+    assert all(out.get(n).precision == "int8" for n in keep if n not in returned_layers)
+    with torch.no_grad():  # the returned plan is one the Q/DQ model (and every converter) takes
+        apply_qdq(sharp, out)(torch.from_numpy(images[:2]))
+
+
 def test_plan_places_int8_only_on_the_weighted_layers_of_the_blocks(model):
     names = quantizable_layer_names(model)
     assert "patch_embed.0.proj" in names and "blocks.0.blocks.1.3.mlp.fc2" in names
