@@ -39,7 +39,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from crossvit_edge.errors import UserError
+from crossvit_edge.errors import UserError, brief
 
 from .base import Artifact, Converter, Runner
 
@@ -398,6 +398,15 @@ class ExecuTorchConverter(Converter):
     precisions = ("fp32", "int8")
     requires = ("executorch", "torchao")
     extra = "executorch"
+
+    def validate(self, spec) -> None:
+        super().validate(spec)
+        # a spec built in Python bypasses the profile schema: the same checks here
+        from crossvit_edge.cli_common import check_int
+
+        check_int("executorch.etdump_runs", spec.option("etdump_runs"), 1, 1000)
+        if not isinstance(spec.option("int8_attention", False), bool):
+            raise UserError(f"executorch.int8_attention must be true or false, got {brief(spec.option('int8_attention'), 40)}")
 
     def convert(self, ctx, out_dir: Path) -> Artifact:
         example = ctx.example_input()

@@ -56,7 +56,7 @@ _SECTION_SCHEMA: Dict[str, Dict[str, tuple]] = {
         "image_input": (bool, None),
         "device": (str, None),
     },
-    "executorch": {"backend": (str, ("xnnpack",)), "device": (str, None), "etdump": (bool, None), "bundled_inputs": (int, (0, 1000)),
+    "executorch": {"backend": (str, ("xnnpack",)), "device": (str, None), "etdump": (bool, None), "etdump_runs": (int, (1, 1000)), "bundled_inputs": (int, (0, 1000)),
                    "int8_attention": (bool, None)},  # int8: the self-attention matmuls on XNNPACK's QS8 bmm (docs/executorch_int8.md)
 }
 _TOP_SCHEMA = {

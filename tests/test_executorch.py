@@ -4,6 +4,7 @@ ETDump, and bad input."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -158,6 +159,21 @@ def test_int8_attention_follows_the_plan_and_is_off_without_it():
     names = ["blocks.0.blocks.0.0.attn", "blocks.2.blocks.1.3.attn", "blocks.0.fusion.0.attn"]
     entries = [SimpleNamespace(name=f"{n}.points.{t}") for n in names for t in ("q", "k", "v", "probs")]
     assert int8_attention_modules(SimpleNamespace(attention=entries), model) == names[:2]
+
+
+@pytest.mark.parametrize("options, expect", [({"etdump_runs": "5"}, "executorch.etdump_runs must be a whole number in [1, 1000]"),
+                                             ({"etdump_runs": 0}, "executorch.etdump_runs"),
+                                             ({"int8_attention": "yes"}, "executorch.int8_attention must be true or false")])
+def test_options_from_python_are_checked_like_profile_keys(tmp_path, options, expect):
+    """A BuildSpec built in Python skips the profile schema; the converter refuses the same values
+    before any work."""
+    from converters.executorch import ExecuTorchConverter
+    from crossvit_edge.errors import UserError
+    from crossvit_edge.spec import BuildSpec
+
+    with pytest.raises(UserError, match=re.escape(expect)):
+        ExecuTorchConverter().validate(BuildSpec(target="executorch", output=tmp_path / "b", options=options))
+    ExecuTorchConverter().validate(BuildSpec(target="executorch", output=tmp_path / "b", options={"etdump_runs": 3, "int8_attention": False}))
 
 
 def test_int8_attention_matmuls_run_on_xnnpack_integer_kernels(tmp_path, micro_checkpoint, digits_dir):

@@ -493,6 +493,7 @@ PROFILES = {
     "object-tag": ("name: !!python/object/apply:os.system ['touch MARKER']\ntarget: onnx\n", "not valid YAML"),
     "not-utf8": (b"name: \xff\ntarget: onnx\n", "not UTF-8"),
     "long-key": ("name: p\ntarget: onnx\n? " + "k" * 100_000 + "\n: 1\n", "unknown key"),
+    "etdump-runs-0": ("name: p\ntarget: executorch\nexecutorch: {etdump_runs: 0}\n", "executorch.etdump_runs must be in [1, 1000], got 0"),
 }
 
 CONVERT_FLAGS = {
