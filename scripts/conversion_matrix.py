@@ -202,8 +202,12 @@ def markdown_table(results: Dict[tuple, dict], variants: Sequence[str], columns:
             else:
                 mem = f"{r['peak_rss_bytes'] / 2**30:.1f} GiB"
                 cpu = f" ({r['cpu_seconds']:.0f} s CPU)" if r.get("cpu_seconds") is not None else ""
+                # the conversion's own check warned (agreement below its precision's threshold):
+                # shown, not failed, because random weights leave near-tied logits
+                warned = (f", check warned: agreement {100 * r['top1_agreement']:.0f}%"
+                          if r.get("passed") is False and r.get("top1_agreement") is not None else "")
                 row.append(f"{'ok' if r['ok'] else '**FAIL**'} {r['seconds']:.0f} s{cpu}, {mem}"
-                           + (f", cos {r['cosine']:.4f}" if r.get("cosine") is not None else ""))
+                           + (f", cos {r['cosine']:.4f}" if r.get("cosine") is not None else "") + warned)
         lines.append(f"| {v} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -65,10 +65,12 @@ def test_cells_follow_the_converters_precisions():
 
 def test_table_and_resume(tmp_path):
     """Results are JSON lines keyed by cell, the last line winning (a rerun); the table has one row
-    per variant and says which cells were not run."""
+    per variant, says which cells were not run and where the conversion's own check warned."""
     lines = [
         {"variant": "v", "target": "onnx", "precision": "int8", "ok": False, "seconds": 3.0, "peak_rss_bytes": 2**30, "problems": ["x"]},
         {"variant": "v", "target": "onnx", "precision": "int8", "ok": True, "seconds": 5.0, "peak_rss_bytes": 2**31, "cosine": 0.97},
+        {"variant": "w", "target": "coreml", "precision": "int8", "ok": True, "seconds": 7.0, "peak_rss_bytes": 2**30, "cosine": 0.99,
+         "passed": False, "top1_agreement": 0.8125},
     ]
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(l) + "\n" for l in lines))
@@ -76,7 +78,7 @@ def test_table_and_resume(tmp_path):
     assert results[("v", "onnx", "int8")]["ok"] is True
     table = matrix.markdown_table(results, ["v", "w"], [("onnx", "int8"), ("coreml", "int8")])
     assert "| v | ok 5 s, 2.0 GiB, cos 0.9700 | not run |" in table
-    assert "| w | not run | not run |" in table
+    assert "| w | not run | ok 7 s, 1.0 GiB, cos 0.9900, check warned: agreement 81% |" in table
 
 
 FULL = [pytest.param(*cell, marks=pytest.mark.slow, id="-".join(cell))
