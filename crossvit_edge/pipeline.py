@@ -271,7 +271,8 @@ def stage_check(ctx: ConversionContext, bundle_dir: Path, artifact, manifest: Di
 
 def judge_check(check: Dict[str, Any], precision: str, max_drop: Optional[float] = None) -> Dict[str, Any]:
     """The check's verdict against ``CHECK_THRESHOLDS[precision]``: ``passed``, the ``thresholds``
-    applied, and one ``warnings`` line per number out of bounds, ending with what to try."""
+    applied, ``failures`` (one short reason per number out of bounds) and the ``warnings`` line
+    that names them all and ends with what to try."""
     limits = dict(CHECK_THRESHOLDS.get(precision, CHECK_THRESHOLDS["int8"]))
     if max_drop is not None:
         limits["top1_drop_points"] = float(max_drop)
@@ -293,7 +294,7 @@ def judge_check(check: Dict[str, Any], precision: str, max_drop: Optional[float]
             f"{'; '.join(failures)} (against the fp32 model). Try: {CHECK_ADVICE.get(precision, CHECK_ADVICE['int8'])}. "
             f"(A random-weight model has near-tied logits, so its agreement says little; judge a trained one.)"
         )
-    return {"passed": not failures, "thresholds": limits, "warnings": warnings}
+    return {"passed": not failures, "thresholds": limits, "failures": failures, "warnings": warnings}
 
 
 def _versions() -> Dict[str, str]:

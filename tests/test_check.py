@@ -30,6 +30,7 @@ def test_top1_drop_is_judged_with_labels_and_max_drop_is_the_budget():
     tight = judge_check(check, "int8", max_drop=1.0)
     assert tight["passed"] is False and tight["thresholds"]["top1_drop_points"] == 1.0
     assert "top-1 drop 2.00 points > 1" in tight["warnings"][0] and "--max-drop" in tight["warnings"][0]
+    assert tight["failures"] == ["top-1 drop 2.00 points > 1"] and judge_check(check, "int8")["failures"] == []
     assert "top1_drop_points" not in judge_check({"top1_agreement": 1.0, "cosine": 1.0}, "int8")["thresholds"]
 
 

@@ -70,7 +70,7 @@ def test_table_and_resume(tmp_path):
         {"variant": "v", "target": "onnx", "precision": "int8", "ok": False, "seconds": 3.0, "peak_rss_bytes": 2**30, "problems": ["x"]},
         {"variant": "v", "target": "onnx", "precision": "int8", "ok": True, "seconds": 5.0, "peak_rss_bytes": 2**31, "cosine": 0.97},
         {"variant": "w", "target": "coreml", "precision": "int8", "ok": True, "seconds": 7.0, "peak_rss_bytes": 2**30, "cosine": 0.99,
-         "passed": False, "top1_agreement": 0.8125},
+         "passed": False, "top1_agreement": 0.8125, "check_failures": ["top1_agreement 0.8125 < 0.9"]},
     ]
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(l) + "\n" for l in lines))
@@ -78,7 +78,7 @@ def test_table_and_resume(tmp_path):
     assert results[("v", "onnx", "int8")]["ok"] is True
     table = matrix.markdown_table(results, ["v", "w"], [("onnx", "int8"), ("coreml", "int8")])
     assert "| v | ok 5 s, 2.0 GiB, cos 0.9700 | not run |" in table
-    assert "| w | not run | ok 7 s, 1.0 GiB, cos 0.9900, check warned: agreement 81% |" in table
+    assert "| w | not run | ok 7 s, 1.0 GiB, cos 0.9900, check warned: top1_agreement 0.8125 < 0.9 |" in table
 
 
 FULL = [pytest.param(*cell, marks=pytest.mark.slow, id="-".join(cell))
