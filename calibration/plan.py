@@ -169,7 +169,7 @@ class QuantPlan:
         dropped, all four at once, so every target sees both matmuls of a module in one precision.
         With the option on, the ``attention_matmuls`` entry stays (possibly with no tensors)."""
         modules = set(modules)
-        plan = self.with_float((), "")
+        plan = self.with_float((), "")  # a copy; no layer changes
         if plan.attention is not None:
             plan.attention = [t for t in plan.attention if t.name.rsplit(".points.", 1)[0] not in modules]
         return plan
