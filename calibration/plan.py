@@ -84,6 +84,11 @@ def quantizable_layer_names(model: nn.Module) -> List[str]:
     return [n for n, _ in weighted_layers(model) if classify_layer(n)[0]]
 
 
+def attention_owner(point_name: str) -> str:
+    """The attention module that owns an operand point (``<module>.points.q`` -> ``<module>``)."""
+    return point_name.rsplit(".points.", 1)[0]
+
+
 def attention_point_names(model: nn.Module, calibrated_only: bool = False) -> List[str]:
     """The self-attention matmul operand points of ``model``'s ViT blocks, in module order;
     ``calibrated_only``: without the softmax outputs (their range is known)."""
@@ -159,7 +164,7 @@ class QuantPlan:
         points ``<module>.points.q`` ...), in plan order; empty without the option."""
         owners: List[str] = []
         for t in self.attention or []:
-            owner = t.name.rsplit(".points.", 1)[0]
+            owner = attention_owner(t.name)
             if owner not in owners:
                 owners.append(owner)
         return owners
@@ -171,7 +176,7 @@ class QuantPlan:
         modules = set(modules)
         plan = self.with_float((), "")  # a copy; no layer changes
         if plan.attention is not None:
-            plan.attention = [t for t in plan.attention if t.name.rsplit(".points.", 1)[0] not in modules]
+            plan.attention = [t for t in plan.attention if attention_owner(t.name) not in modules]
         return plan
 
     def to_dict(self) -> Dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from crossvit_edge.errors import UserError
+from crossvit_edge.errors import UserError, brief
 
 if TYPE_CHECKING:  # torch-free at import time: device-side runners share this module
     from crossvit_edge.pipeline import ConversionContext
@@ -64,6 +64,13 @@ class Converter(ABC):
             except ImportError:
                 hint = f" (pip install 'crossvit-edge[{self.extra}]')" if self.extra else ""
                 raise UserError(f"--target {self.target} needs the Python package {module!r}, which is not installed{hint}") from None
+
+    def check_bool_option(self, spec: "BuildSpec", key: str) -> None:
+        """A true/false option of this target's profile section, checked for specs built in Python
+        (which bypass the profile schema)."""
+        value = spec.option(key, False)
+        if not isinstance(value, bool):
+            raise UserError(f"{self.target}.{key} must be true or false, got {brief(value, 40)}")
 
     def needs_calibration(self, spec: "BuildSpec") -> bool:
         """True when the precision quantizes activations (and so needs a calibration plan)."""

@@ -39,7 +39,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from crossvit_edge.errors import UserError, brief
+from crossvit_edge.errors import UserError
 
 from .base import Artifact, Converter, Runner
 
@@ -197,11 +197,11 @@ def int8_attention_modules(plan, model) -> List[str]:
     (operand points ``<module>.points.q`` ...; the plan's own pattern admits only the ViT blocks'
     self-attention, the one-query cross-attention stays float), else none. Read defensively: a plan
     from before the option has no such field."""
-    from calibration.plan import ATTENTION_POINT
+    from calibration.plan import ATTENTION_POINT, attention_owner
 
     entries = getattr(plan, "attention", None) or []
     names = (str(getattr(t, "name", "")) for t in entries)
-    modules = {name.rsplit(".points.", 1)[0] for name in names if ATTENTION_POINT.match(name)}
+    modules = {attention_owner(name) for name in names if ATTENTION_POINT.match(name)}
     return sorted(n for n, _ in model.named_modules() if n in modules)
 
 
@@ -405,8 +405,7 @@ class ExecuTorchConverter(Converter):
         from crossvit_edge.cli_common import check_int
 
         check_int("executorch.etdump_runs", spec.option("etdump_runs"), 1, 1000)
-        if not isinstance(spec.option("int8_attention", False), bool):
-            raise UserError(f"executorch.int8_attention must be true or false, got {brief(spec.option('int8_attention'), 40)}")
+        self.check_bool_option(spec, "int8_attention")
 
     def convert(self, ctx, out_dir: Path) -> Artifact:
         example = ctx.example_input()

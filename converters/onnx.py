@@ -258,11 +258,16 @@ INTEGER_GEMM_OPS = ("QGemm", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQu
 _FLOAT_GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul")
 
 
-def _int8_gemms(graph, consts):
+def _producers(graph) -> Dict[str, Any]:
+    """Tensor name -> the node that writes it."""
+    return {o: n for n in graph.node for o in n.output}
+
+
+def _int8_gemms(graph, consts, producer=None):
     """(MatMul node, activation Q, activation DQ, weight DQ, bias Add or None) of every int8 layer
     of a TensorRT form graph: MatMul(DQ(Q(x)), DQ(int8 weight)), optionally followed by
     Add(constant bias)."""
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = producer if producer is not None else _producers(graph)
     consumers: Dict[str, List[Any]] = {}
     for node in graph.node:
         for name in node.input:
@@ -288,10 +293,10 @@ def _int8_gemms(graph, consts):
     return found
 
 
-def _attention_matmuls(graph, consts):
+def _attention_matmuls(graph, consts, producer=None):
     """(MatMul, (Q, DQ) of input 0, (Q, DQ) of input 1) of every matmul of two quantized
     activations: the self-attention q k^T and probs v under the plan's int8 attention option."""
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = producer if producer is not None else _producers(graph)
     found = []
     for node in graph.node:
         if node.op_type != "MatMul":
@@ -350,9 +355,11 @@ def to_ort_cpu_form(model, form: str = "ort-cpu", activation_dtype: str = "uint8
     check_choice("onnx.activation_dtype", activation_dtype, ACTIVATION_DTYPES)
     graph = model.graph
     consts = _const_values(graph)
-    gemms = _int8_gemms(graph, consts)
-    attention = _attention_matmuls(graph, consts)
-    producer = {o: n for n in graph.node for o in n.output}
+    # read once, before the rewrite: every lookup below is of a node the rewrite keeps (Q/DQ,
+    # Softmax, the conv weights' DQ), never of the MatMul / Add nodes it removes
+    producer = _producers(graph)
+    gemms = _int8_gemms(graph, consts, producer)
+    attention = _attention_matmuls(graph, consts, producer)
     new_inits = []
     prologue = []  # nodes reading only initializers: placed first, which keeps the graph sorted
     for node, quantize, act, weight, add in gemms:
@@ -380,7 +387,6 @@ def to_ort_cpu_form(model, form: str = "ort-cpu", activation_dtype: str = "uint8
                                              [f"{base}_dq"], axis=0, name=f"{base}_dq"))
             add.input[list(add.input).index(bias_name)] = f"{base}_dq"
     # Conv weights: dequantized once, here
-    producer = {o: n for n in graph.node for o in n.output}
     for conv in [n for n in graph.node if n.op_type == "Conv"]:
         dq = producer.get(conv.input[1])
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in consts:
@@ -587,8 +593,7 @@ class OnnxConverter(Converter):
         # a spec built in Python bypasses the profile schema: the same closed lists here
         check_choice("onnx.int8_form", spec.option("int8_form", "tensorrt"), INT8_FORMS)
         check_choice("onnx.activation_dtype", spec.option("activation_dtype", "uint8"), ACTIVATION_DTYPES)
-        if not isinstance(spec.option("int8_attention", False), bool):
-            raise UserError(f"onnx.int8_attention must be true or false, got {brief(spec.option('int8_attention'), 40)}")
+        self.check_bool_option(spec, "int8_attention")
 
     def convert(self, ctx, out_dir: Path) -> Artifact:
         opset = int(ctx.spec.option("opset", DEFAULT_OPSET))
