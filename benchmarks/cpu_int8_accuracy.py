@@ -32,20 +32,15 @@ def without_softmax_output_qdq(src: Path, dst: Path) -> Path:
     operands again: only q k^T stays int8 (an experiment, not a form)."""
     import onnx
 
-    from converters.onnx import _drop_unused
+    from converters.onnx import _attention_matmuls, _const_values, _drop_unused, _producers
 
     model = onnx.load(str(src))
-    producer = {o: n for n in model.graph.node for o in n.output}
-
-    def source(name):  # x of DQ(Q(x)), or None
-        dq = producer.get(name)
-        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
-
-    for node in model.graph.node:
-        a, b = (source(n) for n in node.input[:2]) if node.op_type == "MatMul" else (None, None)
-        if a and b and producer.get(a) is not None and producer[a].op_type == "Softmax":
-            node.input[0], node.input[1] = a, b
+    graph = model.graph
+    producer = _producers(graph)
+    for matmul, (q_a, _dq_a), (q_b, _dq_b) in _attention_matmuls(graph, _const_values(graph), producer):
+        source = producer.get(q_a.input[0])
+        if source is not None and source.op_type == "Softmax":  # probs v: both operands float again
+            matmul.input[0], matmul.input[1] = q_a.input[0], q_b.input[0]
     _drop_unused(model.graph)
     onnx.save(model, str(dst))
     return dst
