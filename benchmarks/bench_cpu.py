@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -48,6 +47,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import cpu_description  # noqa: E402
 
 PATHS = ("naive", "eager", "ort-fp32-plain", "ort-fp32", "ort-trt", "ort-cpu", "ort-dyn", "ort-cpu-attn", "ort-dyn-attn", "et-fp32", "et-int8", "floor")
 # what the cpu-onnxruntime profile sets; the ort-* rows other than ort-trt are built with it
@@ -67,24 +68,6 @@ LABELS = {
     "floor-fp32": "matmul floor fp32 (ORT, GEMMs only)",
     "floor-int8": "matmul floor int8 (ORT MatMulInteger u8s8 on the plan's layers, rest fp32)",
 }
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimddp", "i8mm", "sve")
-
-
-def cpu_description() -> str:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags |= set(value.split())
-    except OSError:
-        pass
-    have = [f for f in FLAGS if f in flags]
-    return f"{model}; {len(__import__('os').sched_getaffinity(0))} usable cores; flags: {', '.join(have) or 'none of ' + ', '.join(FLAGS)}"
-
-
 def ort_session(path: Path, threads: int):
     import onnxruntime as ort
 

@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import workspace  # noqa: E402
+from common import cpu_description, workspace  # noqa: E402
 
 PROGRAMS = ("naive", "fp32", "int8", "int8-attn")
 LABELS = {"fp32": "crossvit_edge fp32 .pte", "int8": "crossvit_edge int8 .pte (plan layers)",
@@ -164,12 +164,9 @@ def main():
         for k, r in runners.items():
             samples[k].append(median_ms(r, x, max(1, args.runs // 5)))
     medians = {k: float(np.median(v)) for k, v in samples.items()}
-    cpu = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")), "unknown CPU")
-    flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if re.search(rf"\b{f}\b", cpu)]
     print(f"\n{args.model}{' (demo checkpoint)' if args.demo else ' (random weights)'}, batch 1, {args.threads} threads, "
           f"ExecuTorch runtime + XNNPACK, median of 5 rounds of {max(1, args.runs // 5)}-run blocks; "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {model_name} ({', '.join(flags) or 'no AVX2'}); "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {cpu_description()}; "
           f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     base = medians.get(LABELS["fp32"])
     print("| program | median ms | ratio to our fp32 | size MB |\n|---|---|---|---|")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import cpu_description  # noqa: E402
+from common import cpu_description  # noqa: E402
 
 # (label, tokens, width, heads): the self-attention shapes of the two models' branches
 SHAPES = (

@@ -1,9 +1,12 @@
-"""What every latency benchmark sets up: the same flags, and a workspace with the digits images and a
-random-weight checkpoint (latency does not depend on the weights' values; nothing is downloaded)."""
+"""What every latency benchmark sets up: the same flags, a workspace with the digits images and a
+random-weight checkpoint (latency does not depend on the weights' values; nothing is downloaded),
+and the line that says which CPU a table came from."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import platform
 import tempfile
 from pathlib import Path
 
@@ -34,3 +37,22 @@ def workspace(prefix: str, model_name: str, threads: int):
     ckpt = work / "model.safetensors"
     save_checkpoint(model.state_dict(), ckpt, {"model": model_name})
     return work, train_dir, model, ckpt
+
+
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimddp", "i8mm", "sve")
+
+
+def cpu_description() -> str:
+    """The CPU model, usable cores and the SIMD / int8 flags that decide which kernels run."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags |= set(value.split())
+    except OSError:
+        pass
+    have = [f for f in FLAGS if f in flags]
+    return f"{model}; {len(os.sched_getaffinity(0))} usable cores; flags: {', '.join(have) or 'none of ' + ', '.join(FLAGS)}"
