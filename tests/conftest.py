@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -162,3 +163,9 @@ def build_bundle(out: Path, checkpoint, digits_dir: Path, target: str, precision
                      eval_data=digits_dir / "val", eval_samples=eval_samples, overwrite=True)
     convert(spec)
     return out
+
+
+def row_cosine(a, b) -> np.ndarray:
+    """Per-image cosine similarity of two logit batches (in float64)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)

@@ -23,7 +23,7 @@ from crossvit_edge.pipeline import convert, reference_logits, run_batched  # noq
 from crossvit_edge.preprocess import Preprocessing  # noqa: E402
 from crossvit_edge.spec import BuildSpec, CalibrationSettings  # noqa: E402
 
-from .conftest import MICRO_DAGGER_MODEL, MICRO_MODEL, make_micro_checkpoint, run_cli  # noqa: E402
+from .conftest import MICRO_DAGGER_MODEL, MICRO_MODEL, make_micro_checkpoint, row_cosine, run_cli  # noqa: E402
 
 LABELS = [str(i) for i in range(10)]  # the digits folders' names: --eval-data is matched to them
 
@@ -81,17 +81,12 @@ def _runner(bundle):
     return CoreMLRunner(bundle, manifest, backend="checker"), manifest
 
 
-def _cosine(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
 def _run_close_to(bundle, images, reference, min_cosine: float, min_agreement: float):
     """Run the bundle in the checker and assert its logits against the fp32 reference: every image's
     cosine above ``min_cosine``, top-1 agreement at least ``min_agreement``. Returns (runner, manifest)."""
     runner, manifest = _runner(bundle)
     got = run_batched(runner, images)
-    assert _cosine(got, reference).min() > min_cosine
+    assert row_cosine(got, reference).min() > min_cosine
     assert (got.argmax(1) == reference.argmax(1)).mean() >= min_agreement
     return runner, manifest
 
@@ -256,7 +251,7 @@ def test_w8a8_dagger_stems_follow_the_plan(tmp_path_factory, digits_dir, micro_m
     model = load_checkpoint(ckpt).model
     images = open_image_set(digits_dir / "val").sample(4, seed=0).load(Preprocessing()).astype(np.float32)
     got, want = run_batched(runner, images), reference_logits(model, images)
-    assert _cosine(got, want).min() > 0.99
+    assert row_cosine(got, want).min() > 0.99
     stem = {l["name"] for l in manifest["quantization_plan"]["layers"] if l["name"].startswith("patch_embed.") and l["precision"] == "int8"}
     assert stem == {f"patch_embed.{b}.proj.{i}" for b in (0, 1) for i in (0, 2, 4)}
     assert stem <= set(_report(bundle)["w8a8"]["input_quantization"])

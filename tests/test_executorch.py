@@ -21,7 +21,7 @@ from crossvit_edge.pipeline import convert, reference_logits, run_batched  # noq
 from crossvit_edge.preprocess import Preprocessing  # noqa: E402
 from crossvit_edge.spec import BuildSpec, CalibrationSettings  # noqa: E402
 
-from .conftest import MICRO_DAGGER_408_MODEL, demo_int8_acceptance, make_micro_checkpoint, run_cli  # noqa: E402
+from .conftest import MICRO_DAGGER_408_MODEL, demo_int8_acceptance, make_micro_checkpoint, row_cosine, run_cli  # noqa: E402
 
 
 def _build(tmp, ckpt, precision, digits_dir=None, samples=32, eval_samples=16, **options):
@@ -202,7 +202,7 @@ def test_int8_attention_matmuls_run_on_xnnpack_integer_kernels(tmp_path, micro_c
     x, _ = _images(digits_dir, 8)
     fp32 = reference_logits(model, x)
     got = run_batched(_runner(bundle), x)
-    cosine = (got * fp32).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(fp32, axis=1))
+    cosine = row_cosine(got, fp32)
     assert cosine.min() >= 0.98, cosine
     assert not np.allclose(got, fp32, atol=1e-6)
 

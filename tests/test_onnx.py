@@ -17,7 +17,7 @@ from crossvit_edge.pipeline import convert, reference_logits, run_batched
 from crossvit_edge.preprocess import Preprocessing
 from crossvit_edge.spec import BuildSpec, CalibrationSettings
 
-from .conftest import demo_int8_acceptance, run_cli
+from .conftest import demo_int8_acceptance, row_cosine, run_cli
 
 
 def _build(tmp, ckpt, precision, digits_dir=None, **kw):
@@ -80,7 +80,7 @@ def test_fp16_keeps_layernorm_and_softmax_in_fp32(bundles, micro_checkpoint, val
     x, _ = val_images
     ref = reference_logits(load_checkpoint(micro_checkpoint).model, x)
     got = run_batched(runner, x)
-    cos = np.sum(got * ref, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    cos = row_cosine(got, ref)
     assert cos.min() > 0.999 and (got.argmax(1) == ref.argmax(1)).mean() == 1.0
 
 
@@ -124,7 +124,7 @@ def test_int8_graph_obeys_tensorrt_rules_and_the_plan(bundles, micro_checkpoint,
     # agreement with fp32 is a coin toss on a few images; it is tested on the trained demo model
     # (test_demo_model_int8_accuracy). Here: the direction of the logits, and ORT's top-1 against
     # the PyTorch Q/DQ model it should reproduce.
-    cosine = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    cosine = row_cosine(got, ref)
     assert cosine.min() >= 0.99, cosine
     assert (got.argmax(1) == sim.argmax(1)).mean() >= 0.9
     assert (bundles["int8"] / "calibration_stats.npz").exists()
@@ -219,7 +219,7 @@ def test_ort_cpu_form_runs_integer_kernels_with_the_plans_ranges(bundles, cpu_fo
     got = run_batched(runner, x)
     assert np.abs(got - exact).mean() < quant_error
     assert np.abs(got - ref).mean() < 2 * quant_error
-    cosine = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    cosine = row_cosine(got, ref)
     assert cosine.min() >= 0.99, cosine
     assert (got.argmax(1) == exact.argmax(1)).mean() >= 0.9
 
@@ -234,12 +234,8 @@ def test_ort_cpu_dynamic_form_quantizes_the_same_layers(cpu_form_bundles, micro_
     x, _ = val_images
     ref = reference_logits(load_checkpoint(micro_checkpoint).model, x)
     got = run_batched(runner, x)
-    cosine = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    cosine = row_cosine(got, ref)
     assert cosine.min() >= 0.99, cosine
-
-
-def _cosine(a, b):
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +341,7 @@ def test_int8_attention_option_runs_integer_attention_matmuls(attention_bundles,
     cpu_error = np.abs(exact - ref).mean()
     assert np.abs(got - exact).mean() < 0.05 * cpu_error  # measured: 1e-4 of it
     assert np.abs(got - ref).mean() < 1.5 * cpu_error
-    assert _cosine(got, ref).min() >= 0.99, _cosine(got, ref)  # measured: 0.994 on this random-weight micro model
+    assert row_cosine(got, ref).min() >= 0.99, row_cosine(got, ref)  # measured: 0.994 on this random-weight micro model
     assert (got.argmax(1) == exact.argmax(1)).mean() >= 0.9
 
 
