@@ -90,12 +90,23 @@ def test_statistics_are_bit_identical_and_reusable(micro, images, tmp_path):
     assert loaded.weights_sha256 == s1.weights_sha256
 
 
+def _sharpened(model):
+    """A copy with the qkv weights scaled up 8x: peaked, trained-like attention. Random weights
+    attend almost uniformly over 401 tokens (p ~ 0.0025, below half the softmax output's 1/127 step:
+    the int8 attention output would be 0)."""
+    sharp = copy.deepcopy(model)
+    for name, m in sharp.named_modules():
+        if name.endswith(".attn.qkv"):
+            m.weight.data.mul_(8.0)
+    return sharp
+
+
 def test_int8_attention_plan_points_and_qdq_model(micro):
     """The int8 attention option: the self-attention operands of every ViT block are plan entries
     (the cross-attention has none), the plan round-trips as data, mixed precision keeps them, and
     the Q/DQ model quantizes exactly those operands (at a tiny amax the attention output collapses;
     without the option it does not)."""
-    from calibration.plan import QuantPlan, attention_point_names
+    from calibration.plan import QuantPlan, attention_owner, attention_point_names
     from calibration.qdq import QDQActivation
     from crossvit_edge.crossvit import TensorPoint, for_export
 
@@ -126,13 +137,10 @@ def test_int8_attention_plan_points_and_qdq_model(micro):
     # numbers, at the first block's attention output. Random weights attend almost uniformly over
     # 401 tokens (p ~ 0.0025, below half the softmax output's 1/127 step: the int8 attention output
     # would be 0), so the qkv weights are scaled up here to give trained-like, peaked attention.
-    sharp = copy.deepcopy(micro)
-    for name, m in sharp.named_modules():
-        if name.endswith(".attn.qkv"):
-            m.weight.data.mul_(8.0)
+    sharp = _sharpened(micro)
     stats = collect_statistics(for_export(sharp), "micro", layers + attention_point_names(sharp, calibrated_only=True), [x.numpy()])
     observed = stats.amax("minmax")
-    name = points[0].rpartition(".points.")[0]
+    name = attention_owner(points[0])
     seen = {}
     handle = sharp.get_submodule(name).register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
     with torch.no_grad():
@@ -157,10 +165,7 @@ def test_mixed_precision_returns_int8_attention_matmuls_to_float_as_a_pair(micro
     from calibration.sensitivity import mixed_precision
     from crossvit_edge.crossvit import for_export
 
-    sharp = copy.deepcopy(micro)  # peaked attention, as trained models have (see the test above)
-    for name, m in sharp.named_modules():
-        if name.endswith(".attn.qkv"):
-            m.weight.data.mul_(8.0)
+    sharp = _sharpened(micro)  # peaked attention, as trained models have
     layers = quantizable_layer_names(sharp)
     points = attention_point_names(sharp, calibrated_only=True)
     amax = collect_statistics(for_export(sharp), "micro", layers + points, [images[:8]]).amax("minmax")
