@@ -187,13 +187,14 @@ def test_int8_attention_matmuls_run_on_xnnpack_integer_kernels(tmp_path, micro_c
     assert report["delegate_calls"] == 1 and report["portable_op_count"] == 0, report
     assert manifest["executorch"]["int8_attention_matmuls"] is True
     model = load_checkpoint(micro_checkpoint).model
+    from calibration.plan import attention_owner
     from crossvit_edge.crossvit import Attention, CrossAttention
 
     self_attention = [n for n, m in model.named_modules() if isinstance(m, Attention)]
     cross_attention = [n for n, m in model.named_modules() if isinstance(m, CrossAttention)]
     assert self_attention and cross_attention
     plan = json.loads((bundle / "quant_plan.json").read_text())
-    assert {t["name"].rsplit(".points.", 1)[0] for t in plan["attention_matmuls"]["tensors"]} == set(self_attention)
+    assert {attention_owner(t["name"]) for t in plan["attention_matmuls"]["tensors"]} == set(self_attention)
     assert report["quantization"]["int8_attention_matmuls"] == 2 * len(self_attention), report["quantization"]
     ops = report["etdump"]["ops_by_kind"]
     bmm = {k: v["count"] for k, v in ops.items() if k.startswith("Batch Matrix Multiply")}
