@@ -650,10 +650,10 @@ class OnnxConverter(Converter):
         return section
 
     @staticmethod
-    def _fusion_check(path: Path, n_gemms: int) -> Dict[str, Any]:
+    def _fusion_check(path: Path, n_int8_ops: int) -> Dict[str, Any]:
         """What ORT on this host makes of the saved graph; warns when an int8 GEMM stays float."""
         fused = integer_kernel_report(ort_optimized_graph(path))
-        if fused["integer_op_count"] < n_gemms or fused["float_gemms_fed_by_dequantize"]:
+        if fused["integer_op_count"] < n_int8_ops or fused["float_gemms_fed_by_dequantize"]:
             log.warning("ONNX Runtime fused %d of %d int8 GEMMs and attention matmuls into integer kernels on this host",
-                        fused["integer_op_count"], n_gemms)
+                        fused["integer_op_count"], n_int8_ops)
         return {"host": platform.machine(), **fused}
