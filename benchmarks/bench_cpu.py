@@ -214,7 +214,7 @@ def build_model_paths(model_name: str, paths: List[str], args) -> Dict[str, Call
         loaders["eager"] = eager
     need_onnx = {"ort-fp32-plain", "ort-fp32", "ort-trt", "ort-cpu", "ort-dyn", "ort-cpu-attn", "ort-dyn-attn", "floor"} & set(paths)
     if need_onnx:
-        from converters.onnx import OnnxRuntimeRunner
+        from crossvit_edge.converters.onnx import OnnxRuntimeRunner
         from crossvit_edge.device_profiles import load_profile
 
         cpu = load_profile(CPU_PROFILE)
@@ -244,7 +244,7 @@ def build_model_paths(model_name: str, paths: List[str], args) -> Dict[str, Call
             loaders["floor-fp32"] = ort_loader(f32)
             loaders["floor-int8"] = ort_loader(i8)
     if {"et-fp32", "et-int8"} & set(paths):
-        from converters.executorch import ExecuTorchRunner
+        from crossvit_edge.converters.executorch import ExecuTorchRunner
 
         log.info("%s: building ExecuTorch programs", model_name)
         if "et-fp32" in paths:

@@ -122,7 +122,7 @@ def main():
 
     import torch
 
-    from converters.executorch import ExecuTorchRunner, delegation_report, stage_capture, stage_lower, stage_serialize
+    from crossvit_edge.converters.executorch import ExecuTorchRunner, delegation_report, stage_capture, stage_lower, stage_serialize
     from crossvit_edge.bundle import read_manifest
     from crossvit_edge.checkpoint import load_checkpoint
     from crossvit_edge.pipeline import convert, run_batched

@@ -41,7 +41,7 @@ def median_ms(session, x, runs, warmup=10):
 
 
 def session(path, threads, profile=False, fold_weight_dq=True):
-    """Options as converters.onnx.OnnxRuntimeRunner sets them on x86: weight DQ folded for the
+    """Options as crossvit_edge.converters.onnx.OnnxRuntimeRunner sets them on x86: weight DQ folded for the
     TensorRT form, ORT's QDQ fusion kept for the ort-cpu form (the uint8-activation row)."""
     import onnxruntime as ort
 

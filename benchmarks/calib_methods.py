@@ -29,7 +29,7 @@ def main():
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from converters.onnx import OnnxRuntimeRunner
+    from crossvit_edge.converters.onnx import OnnxRuntimeRunner
     from crossvit_edge.bundle import read_manifest
     from crossvit_edge.data import open_image_set, write_digits_imagefolder
     from crossvit_edge.pipeline import convert, run_batched

@@ -32,7 +32,7 @@ def without_softmax_output_qdq(src: Path, dst: Path) -> Path:
     operands again: only q k^T stays int8 (an experiment, not a form)."""
     import onnx
 
-    from converters.onnx import _attention_matmuls, _const_values, _drop_unused, _producers
+    from crossvit_edge.converters.onnx import _attention_matmuls, _const_values, _drop_unused, _producers
 
     model = onnx.load(str(src))
     graph = model.graph
@@ -54,7 +54,7 @@ def main():
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from converters.onnx import OnnxRuntimeRunner
+    from crossvit_edge.converters.onnx import OnnxRuntimeRunner
     from crossvit_edge.bundle import read_manifest
     from crossvit_edge.data import open_image_set, write_digits_imagefolder
     from crossvit_edge.pipeline import convert, run_batched

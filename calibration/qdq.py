@@ -9,7 +9,7 @@ per-output-channel scales ([-127, 127]). Two custom ops carry the semantics:
 
 In PyTorch they compute exactly what ONNX Runtime computes for the Q/DQ graph (round half to even,
 saturate), so the same quantized model serves for sensitivity analysis in PyTorch and for the ONNX
-export, where ``converters.onnx`` translates the two ops to ONNX nodes. Weights are stored
+export, where ``crossvit_edge.converters.onnx`` translates the two ops to ONNX nodes. Weights are stored
 transposed for Linear layers, (in, out) with the channel axis 1, so the exported graph is
 ``DQ(W) -> MatMul`` with no Transpose between them.
 

@@ -1,7 +1,7 @@
 """Accuracy-driven mixed precision: measure each int8 layer's cost alone, then return the most
 sensitive layers to float, most sensitive first, until the accuracy drop is within the budget.
 
-Everything runs in PyTorch on the Q/DQ model of ``calibration.qdq``, which computes what ONNX
+Everything runs in PyTorch on the Q/DQ model of ``crossvit_edge.calibration.qdq``, which computes what ONNX
 Runtime computes for the exported Q/DQ graph, so the plan it returns holds for every target.
 The score is top-1 against labels when the held-out images are labelled, top-1 agreement with fp32
 otherwise; a layer's sensitivity is the KL divergence from fp32 when only that layer is int8 (finer

@@ -2,21 +2,21 @@
 
 A new target is one new module plus one line in each table here. These tables are code, never
 data: a bundle's manifest names an artifact ``kind`` from the closed list ``RUNNERS``, and only
-these fixed module paths are ever imported (``converters.base.runner_class``).
+these fixed module paths are ever imported (``crossvit_edge.converters.base.runner_class``).
 """
 CONVERTERS = {
-    "onnx": "converters.onnx:OnnxConverter",
-    "tensorrt": "converters.tensorrt:TensorRTConverter",
-    "coreml": "converters.coreml:CoreMLConverter",
-    "executorch": "converters.executorch:ExecuTorchConverter",
+    "onnx": "crossvit_edge.converters.onnx:OnnxConverter",
+    "tensorrt": "crossvit_edge.converters.tensorrt:TensorRTConverter",
+    "coreml": "crossvit_edge.converters.coreml:CoreMLConverter",
+    "executorch": "crossvit_edge.converters.executorch:ExecuTorchConverter",
 }
 
 # artifact kind (manifest["artifact"]["kind"], ["stand_in"]["kind"]) -> the Runner that executes it
 RUNNERS = {
-    "onnx": "converters.onnx:OnnxRuntimeRunner",
-    "pte": "converters.executorch:ExecuTorchRunner",
-    "mlpackage": "converters.coreml:CoreMLRunner",
-    "engine": "converters.tensorrt.device:TensorRTRunner",
+    "onnx": "crossvit_edge.converters.onnx:OnnxRuntimeRunner",
+    "pte": "crossvit_edge.converters.executorch:ExecuTorchRunner",
+    "mlpackage": "crossvit_edge.converters.coreml:CoreMLRunner",
+    "engine": "crossvit_edge.converters.tensorrt.device:TensorRTRunner",
 }
 
 # target -> the kind of its artifact (a TensorRT bundle whose engine is still to be built on the

@@ -117,9 +117,9 @@ class Runner(ABC):
 
 
 def runner_class(kind: str) -> type:
-    """The Runner class for an artifact kind, from the fixed table ``converters.RUNNERS``: a
+    """The Runner class for an artifact kind, from the fixed table ``crossvit_edge.converters.RUNNERS``: a
     manifest can only pick one of its keys, never name a module."""
-    from converters import RUNNERS
+    from crossvit_edge.converters import RUNNERS
 
     if not isinstance(kind, str) or kind not in RUNNERS:
         from crossvit_edge.errors import brief

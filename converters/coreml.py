@@ -18,7 +18,7 @@ How each precision is built (coremltools 9.0, all of it on Linux):
   residual adds, concatenations and the single-token layers stay float. The quantizer also puts an
   output Q/DQ after each quantized layer; those whose consumer is not another int8 layer (qkv into
   attention, proj / fc2 into the residual, patch embeddings into the concatenation) are removed,
-  so that only the *inputs* of the plan's layers are int8, as in ``calibration.plan``. The dagger
+  so that only the *inputs* of the plan's layers are int8, as in ``crossvit_edge.calibration.plan``. The dagger
   stems' ReLUs are kept out of torch.ao's conv + ReLU fusion (``unfuse_relus``): fused, a plan conv
   fails to convert, and each stem conv stays one plan layer with an int8 input. The model is
   then finalized, traced (``torch.jit.trace`` after the FX graph's shape arithmetic is folded to
@@ -33,7 +33,7 @@ into the weights of the first convolution of both patch embeddings (branch 1's b
 linear per channel, so the factor commutes with it; zero padding stays zero).
 
 The ``.mlpackage`` cannot be executed on Linux by any Apple tool: ``CoreMLRunner`` uses Core ML's
-prediction on macOS and ``converters.coreml_mil`` (a numpy interpreter of the saved program)
+prediction on macOS and ``crossvit_edge.converters.coreml_mil`` (a numpy interpreter of the saved program)
 elsewhere; its ``description`` says which.
 """
 from __future__ import annotations
@@ -589,7 +589,7 @@ class CoreMLConverter(Converter):
 
 class CoreMLRunner(Runner):
     """Core ML's own prediction (``MLModel.predict``) on macOS; elsewhere the numpy ML Program
-    checker of ``converters.coreml_mil``, which executes the saved program op by op (fp16 tensors
+    checker of ``crossvit_edge.converters.coreml_mil``, which executes the saved program op by op (fp16 tensors
     rounded to fp16 after every op). ``backend`` forces one ("coreml" or "checker")."""
 
     target = "coreml"

@@ -197,7 +197,7 @@ def int8_attention_modules(plan, model) -> List[str]:
     (operand points ``<module>.points.q`` ...; the plan's own pattern admits only the ViT blocks'
     self-attention, the one-query cross-attention stays float), else none. Read defensively: a plan
     from before the option has no such field."""
-    from calibration.plan import ATTENTION_POINT, attention_owner
+    from crossvit_edge.calibration.plan import ATTENTION_POINT, attention_owner
 
     entries = getattr(plan, "attention", None) or []
     names = (str(getattr(t, "name", "")) for t in entries)

@@ -3,7 +3,7 @@
 Export goes through ``torch.onnx.export(dynamo=True)`` at a fixed batch size, one input ``image``
 (float32, NCHW) and one output ``logits`` (float32). fp16 graphs keep float32 I/O and run LayerNorm
 and Softmax in fp32 (the model casts around them). int8 graphs are the plan applied in PyTorch
-(``calibration.qdq``) and exported with the two Q/DQ custom ops translated to QuantizeLinear /
+(``crossvit_edge.calibration.qdq``) and exported with the two Q/DQ custom ops translated to QuantizeLinear /
 DequantizeLinear, so every Q/DQ node sits exactly where the plan says, keyed by module name.
 
 The module also holds the checks that the TensorRT target reuses: ``onnx.checker`` and
@@ -60,11 +60,11 @@ class _Fp16Wrapper:
 
 
 def _translation_table():
-    """ONNX translations of the Q/DQ custom ops of ``calibration.qdq``."""
+    """ONNX translations of the Q/DQ custom ops of ``crossvit_edge.calibration.qdq``."""
     import torch
     from onnxscript import opset18 as op
 
-    import calibration.qdq  # noqa: F401  (registers the custom ops)
+    import crossvit_edge.calibration.qdq  # noqa: F401  (registers the custom ops)
 
     def quantize_dequantize(x, scale, zero_point):
         return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)

@@ -10,7 +10,7 @@ in. It reads the manifest with size and depth bounds, validates it against the o
 (``validate_manifest``: types, required keys, ranges; one-line errors naming the key), checks every
 path it names (``resolve_in_bundle``: a plain relative name that stays inside the bundle, symlinks
 included) and verifies the size and sha256 of every listed file before anything is loaded. Nothing
-in a manifest chooses code: the artifact ``kind`` is a key of the fixed table ``converters.RUNNERS``.
+in a manifest chooses code: the artifact ``kind`` is a key of the fixed table ``crossvit_edge.converters.RUNNERS``.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ MANIFEST = "manifest.json"
 SCHEMA_VERSION = 2  # 1 was "manifest_version" with a "module:Class" runner: no longer read
 FORMAT = "crossvit_edge bundle"
 
-# Bounds on untrusted input (documented in README "Security model").
+# Bounds on untrusted input (documented in docs/security.md).
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_JSON_DEPTH = 64
 MAX_FILES = 100_000
@@ -359,7 +359,7 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> Dict[str, Any]:
     """Check a parsed manifest against the schema; return it unchanged. One-line UserError naming
     the key otherwise. Keys outside the schema (build record, calibration, plan, versions, checks)
     are informational and never used to find code or files."""
-    from converters import ARTIFACT_KINDS, RUNNERS
+    from crossvit_edge.converters import ARTIFACT_KINDS, RUNNERS
 
     c = SchemaCheck(source)
     if not isinstance(data, dict):
@@ -543,7 +543,7 @@ class Bundle:
 
     def runner(self, stand_in: bool = False, threads: Optional[int] = None):
         """The Runner of the artifact (or of its stand-in), from the fixed registry."""
-        from converters.base import runner_class
+        from crossvit_edge.converters.base import runner_class
 
         if stand_in:
             return runner_class(self.stand_in["kind"])(self.root, self.manifest, artifact=self.stand_in["file"], threads=threads)

@@ -19,13 +19,14 @@ from typing import Any, Dict, List, Optional
 
 from .errors import UserError, brief
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+# crossvit_edge/profiles links to the top-level profiles/ folder; installed, it is package data
+PROFILE_DIR = Path(__file__).parent / "profiles"
 MAX_PROFILE_BYTES = 1 << 20
 MAX_BATCH = 4096
 OPSETS = (13, 23)  # ONNX opsets the converters accept (per-channel Q/DQ needs 13)
 _MAX_TEXT = 1000
 
-# the ONNX target's int8 graph forms and activation types (converters.onnx; docs/cpu_int8.md)
+# the ONNX target's int8 graph forms and activation types (crossvit_edge.converters.onnx; docs/cpu_int8.md)
 ONNX_INT8_FORMS = ("tensorrt", "ort-cpu", "ort-cpu-dynamic")
 ONNX_ACTIVATION_DTYPES = ("uint8", "int8")
 
@@ -37,7 +38,7 @@ _SECTION_SCHEMA: Dict[str, Dict[str, tuple]] = {
         "int8_form": (str, ONNX_INT8_FORMS),
         "activation_dtype": (str, ONNX_ACTIVATION_DTYPES),
         "ort_fusions": (bool, None),  # ONNX Runtime contrib-op fusions (GELU) for ORT-only graphs
-        "int8_attention": (bool, None),  # int8: the self-attention matmuls too (calibration.plan; docs/cpu_int8.md)
+        "int8_attention": (bool, None),  # int8: the self-attention matmuls too (crossvit_edge.calibration.plan; docs/cpu_int8.md)
     },
     "tensorrt": {
         "version": (str, None),

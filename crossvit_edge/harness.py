@@ -1,7 +1,7 @@
 """The profiling harness: run every bundle and its fp32 reference on the same images and report
 accuracy (top-1/top-5, agreement, cosine, KL) and latency (p50/p90/p99, throughput, memory, size).
 
-The harness only sees ``Runner``s (``converters.base``); it never branches on the target. A bundle
+The harness only sees ``Runner``s (``crossvit_edge.converters.base``); it never branches on the target. A bundle
 whose artifact cannot run on this host (a TensorRT engine off the Jetson) is scored through its
 runnable stand-in when the bundle names one, and its latency can be merged from the results file
 the device-side runner writes (``--merge``).
@@ -276,7 +276,7 @@ def load_results(path: Path, num_classes: Optional[int] = None) -> Dict[str, Any
 
 
 def validate_results(data: Any, source: str, num_classes: Optional[int] = None) -> Dict[str, Any]:
-    """The schema of the results file ``converters.tensorrt.device`` writes: ``images`` (unique
+    """The schema of the results file ``crossvit_edge.converters.tensorrt.device`` writes: ``images`` (unique
     relative paths), ``logits`` of shape (len(images), classes), finite; optional latency, sizes
     and descriptive strings. Returns a copy with ``logits`` as a float32 array. UserError naming
     the key otherwise."""

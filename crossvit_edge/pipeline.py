@@ -58,8 +58,8 @@ class Calibration:
     """What calibration produced: the (possibly smoothed) fp32 model the plan applies to."""
 
     model: torch.nn.Module
-    plan: Any  # calibration.plan.QuantPlan
-    stats: Any  # calibration.collect.CalibrationStatistics
+    plan: Any  # crossvit_edge.calibration.plan.QuantPlan
+    stats: Any  # crossvit_edge.calibration.collect.CalibrationStatistics
     images: Optional[ImageSet]
     settings: Dict[str, Any]
 
@@ -95,7 +95,7 @@ class ConversionContext:
         from .crossvit import for_export
 
         if self.spec.precision == "int8" and self.calibration is not None:
-            from calibration.qdq import apply_qdq
+            from crossvit_edge.calibration.qdq import apply_qdq
 
             return apply_qdq(for_export(self.calibration.model), self.calibration.plan, inplace=True)
         return for_export(self.fp32_model)
@@ -112,7 +112,7 @@ class ConversionContext:
 
 
 def get_converter(target: str):
-    from converters import CONVERTERS
+    from crossvit_edge.converters import CONVERTERS
 
     if target not in CONVERTERS:
         raise UserError(f"unknown target {target!r}; choose one of: {', '.join(CONVERTERS)}")
@@ -151,9 +151,9 @@ def open_calibration_images(spec: BuildSpec) -> ImageSet:
 
 
 def stage_calibrate(ctx: ConversionContext) -> None:
-    from calibration.collect import CalibrationStatistics, collect_statistics, weights_digest
-    from calibration.plan import attention_point_names, build_plan, quantizable_layer_names
-    from calibration.smoothing import apply_smoothing, smoothing_factors, smoothing_pairs
+    from crossvit_edge.calibration.collect import CalibrationStatistics, collect_statistics, weights_digest
+    from crossvit_edge.calibration.plan import attention_point_names, build_plan, quantizable_layer_names
+    from crossvit_edge.calibration.smoothing import apply_smoothing, smoothing_factors, smoothing_pairs
 
     spec, settings = ctx.spec, ctx.spec.calibration
     model = ctx.fp32_model
@@ -199,7 +199,7 @@ def stage_calibrate(ctx: ConversionContext) -> None:
     plan = build_plan(model, ctx.model_name, amax, plan_record, attention=attention)
     plan.smoothing = smoothing
     if spec.max_drop is not None:
-        from calibration.sensitivity import mixed_precision
+        from crossvit_edge.calibration.sensitivity import mixed_precision
 
         eval_x, eval_y = load_eval_images(ctx)
         if eval_x is None:
@@ -238,7 +238,7 @@ def run_batched(runner, images: np.ndarray) -> np.ndarray:
 
 def stage_check(ctx: ConversionContext, bundle_dir: Path, artifact, manifest: Dict[str, Any]) -> Dict[str, Any]:
     """Run the artifact (or its runnable stand-in) on held-out images against the fp32 model."""
-    from converters.base import runner_class
+    from crossvit_edge.converters.base import runner_class
 
     images, labels = load_eval_images(ctx)
     source = "eval images"

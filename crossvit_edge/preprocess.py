@@ -23,7 +23,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Images are untrusted input: their size is read from the header and checked before any pixel is
 # decoded. A 24 KB PNG can declare 14000 x 14000 pixels; a 1 x 2000 strip resized to the model's
-# short side would be 274 x 548000. Documented in README "Security model".
+# short side would be 274 x 548000. Documented in docs/security.md.
 MAX_IMAGE_PIXELS = 64_000_000  # width x height (an 8000 x 8000 image)
 MAX_ASPECT_RATIO = 50  # long side / short side
 

@@ -8,7 +8,7 @@
 
 A bundle is opened through ``crossvit_edge.bundle.open_bundle`` (the checks every command applies:
 schema, paths inside the bundle, size and sha256 of every file) and run by the Runner of its
-artifact kind from the fixed registry (``converters.base.runner_class``): ONNX Runtime for
+artifact kind from the fixed registry (``crossvit_edge.converters.base.runner_class``): ONNX Runtime for
 ``.onnx``, the ExecuTorch runtime for ``.pte``, TensorRT for engines (on the device), Core ML for
 ``.mlpackage`` on macOS. Any number of images is split into the bundle's static batch, the last
 batch padded by repeating its last image and the padding dropped, so results keep the input order.
@@ -122,9 +122,9 @@ def _coreml_runner(bundle: Bundle, threads: Optional[int]):
     if platform.system() != "Darwin":
         raise UserError(
             f"bundle {bundle.name}: Core ML predicts on macOS only; for accuracy work elsewhere use the numpy "
-            "ML Program checker (python -m crossvit_edge.profile BUNDLE --data DIR, or converters.coreml.CoreMLRunner(..., backend='checker'))"
+            "ML Program checker (python -m crossvit_edge.profile BUNDLE --data DIR, or crossvit_edge.converters.coreml.CoreMLRunner(..., backend='checker'))"
         )
-    from converters.base import runner_class
+    from crossvit_edge.converters.base import runner_class
 
     return runner_class(bundle.kind)(bundle.root, bundle.manifest, threads=threads, backend="coreml")
 

@@ -48,7 +48,7 @@ def target_precisions() -> Dict[str, Sequence[str]]:
     """target -> the precisions its converter supports (read from the converter classes)."""
     import importlib
 
-    from converters import CONVERTERS
+    from crossvit_edge.converters import CONVERTERS
 
     out = {}
     for target, where in CONVERTERS.items():

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.collect import CalibrationStatistics, collect_statistics
-from calibration.estimators import AbsHistogram, compute_amax
-from calibration.plan import build_plan, classify_layer, quantizable_layer_names
-from calibration.qdq import apply_qdq, quantize_dequantize
-from calibration.smoothing import apply_smoothing, smoothing_factors, smoothing_pairs
+from crossvit_edge.calibration.collect import CalibrationStatistics, collect_statistics
+from crossvit_edge.calibration.estimators import AbsHistogram, compute_amax
+from crossvit_edge.calibration.plan import build_plan, classify_layer, quantizable_layer_names
+from crossvit_edge.calibration.qdq import apply_qdq, quantize_dequantize
+from crossvit_edge.calibration.smoothing import apply_smoothing, smoothing_factors, smoothing_pairs
 from crossvit_edge.crossvit import create_model
 from crossvit_edge.data import open_image_set
 from crossvit_edge.preprocess import Preprocessing
@@ -106,8 +106,8 @@ def test_int8_attention_plan_points_and_qdq_model(micro):
     (the cross-attention has none), the plan round-trips as data, mixed precision keeps them, and
     the Q/DQ model quantizes exactly those operands (at a tiny amax the attention output collapses;
     without the option it does not)."""
-    from calibration.plan import QuantPlan, attention_owner, attention_point_names
-    from calibration.qdq import QDQActivation
+    from crossvit_edge.calibration.plan import QuantPlan, attention_owner, attention_point_names
+    from crossvit_edge.calibration.qdq import QDQActivation
     from crossvit_edge.crossvit import TensorPoint, for_export
 
     points = attention_point_names(micro)
@@ -161,8 +161,8 @@ def test_mixed_precision_returns_int8_attention_matmuls_to_float_as_a_pair(micro
     """With the int8 attention option, each attention module's matmuls are one more candidate: a
     module whose v range is broken is probed alone, ranked most sensitive and returned to float
     (all four operand points leave the plan); the layers' int8 stays as planned."""
-    from calibration.plan import attention_point_names
-    from calibration.sensitivity import mixed_precision
+    from crossvit_edge.calibration.plan import attention_point_names
+    from crossvit_edge.calibration.sensitivity import mixed_precision
     from crossvit_edge.crossvit import for_export
 
     sharp = _sharpened(micro)  # peaked attention, as trained models have
@@ -243,7 +243,7 @@ def test_qdq_model_matches_fake_quant_semantics(micro, images):
 
 
 def test_mixed_precision_returns_the_most_sensitive_layers_first(micro, images):
-    from calibration.sensitivity import mixed_precision
+    from crossvit_edge.calibration.sensitivity import mixed_precision
 
     model = micro
     layers = quantizable_layer_names(model)

@@ -12,8 +12,8 @@ import torch
 
 ct = pytest.importorskip("coremltools")
 
-from converters.coreml import CoreMLRunner, package_bytes  # noqa: E402
-from converters.coreml_mil import MILProgram, UnsupportedMILOp  # noqa: E402
+from crossvit_edge.converters.coreml import CoreMLRunner, package_bytes  # noqa: E402
+from crossvit_edge.converters.coreml_mil import MILProgram, UnsupportedMILOp  # noqa: E402
 from crossvit_edge.bundle import read_manifest  # noqa: E402
 from crossvit_edge.checkpoint import load_checkpoint  # noqa: E402
 from crossvit_edge.data import open_image_set  # noqa: E402
@@ -331,7 +331,7 @@ def test_ios16_profile_rejects_w8a8_before_any_work(tmp_path, checkpoint, digits
     ],
 )
 def test_bad_options_fail_in_validation(tmp_path, checkpoint, digits_dir, precision, options, message):
-    from converters.coreml import CoreMLConverter
+    from crossvit_edge.converters.coreml import CoreMLConverter
 
     spec = BuildSpec(target="coreml", output=tmp_path / "b", precision=precision, checkpoint=str(checkpoint),
                      options=options, calibration=CalibrationSettings(data=digits_dir / "train"))
@@ -340,7 +340,7 @@ def test_bad_options_fail_in_validation(tmp_path, checkpoint, digits_dir, precis
 
 
 def test_profiles_validate():
-    from converters.coreml import CoreMLConverter, target_name
+    from crossvit_edge.converters.coreml import CoreMLConverter, target_name
 
     conv = CoreMLConverter()
     for name, precision in (("iphone-15-pro", "int8"), ("mac-m4", "fp16"), ("iphone-12-ios16", "int8-weights")):
@@ -458,7 +458,7 @@ def test_blob_reader_agrees_with_coremltools(int8_weights):
     """The checker parses weight.bin itself; coremltools' own reader must see the same values."""
     from coremltools.libmilstoragepython import _BlobStorageReader
 
-    from converters.coreml_mil import _decode_value, _tensor_type
+    from crossvit_edge.converters.coreml_mil import _decode_value, _tensor_type
 
     program, _ = _program(int8_weights)
     package = int8_weights / read_manifest(int8_weights)["artifact"]["file"]

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("executorch")
 
-from converters.executorch import ExecuTorchRunner, stage_adapt  # noqa: E402
+from crossvit_edge.converters.executorch import ExecuTorchRunner, stage_adapt  # noqa: E402
 from crossvit_edge.bundle import read_manifest  # noqa: E402
 from crossvit_edge.checkpoint import load_checkpoint  # noqa: E402
 from crossvit_edge.crossvit import create_model  # noqa: E402
@@ -150,7 +150,7 @@ def test_int8_attention_follows_the_plan_and_is_off_without_it():
     without the field (older plans, the option off) gives none; cross-attention never does."""
     from types import SimpleNamespace
 
-    from converters.executorch import int8_attention_modules
+    from crossvit_edge.converters.executorch import int8_attention_modules
 
     torch.manual_seed(0)
     model = create_model("crossvit_tiny_240", num_classes=3)
@@ -167,7 +167,7 @@ def test_int8_attention_follows_the_plan_and_is_off_without_it():
 def test_options_from_python_are_checked_like_profile_keys(tmp_path, options, expect):
     """A BuildSpec built in Python skips the profile schema; the converter refuses the same values
     before any work."""
-    from converters.executorch import ExecuTorchConverter
+    from crossvit_edge.converters.executorch import ExecuTorchConverter
     from crossvit_edge.errors import UserError
     from crossvit_edge.spec import BuildSpec
 
@@ -187,7 +187,7 @@ def test_int8_attention_matmuls_run_on_xnnpack_integer_kernels(tmp_path, micro_c
     assert report["delegate_calls"] == 1 and report["portable_op_count"] == 0, report
     assert manifest["executorch"]["int8_attention_matmuls"] is True
     model = load_checkpoint(micro_checkpoint).model
-    from calibration.plan import attention_owner
+    from crossvit_edge.calibration.plan import attention_owner
     from crossvit_edge.crossvit import Attention, CrossAttention
 
     self_attention = [n for n, m in model.named_modules() if isinstance(m, Attention)]

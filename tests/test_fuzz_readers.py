@@ -173,8 +173,8 @@ def test_fuzz_profile_yaml(tmp_path_factory, text):
 @pytest.fixture(scope="module")
 def stats_bytes() -> bytes:
     torch = pytest.importorskip("torch")
-    from calibration.collect import CalibrationStatistics
-    from calibration.estimators import AbsHistogram
+    from crossvit_edge.calibration.collect import CalibrationStatistics
+    from crossvit_edge.calibration.estimators import AbsHistogram
 
     h = AbsHistogram()
     h.update(torch.linspace(-3, 3, 1000))
@@ -190,7 +190,7 @@ def _meta_and_arrays(raw: bytes):
 
 
 def test_stats_round_trip(tmp_path, stats_bytes):
-    from calibration.collect import CalibrationStatistics
+    from crossvit_edge.calibration.collect import CalibrationStatistics
 
     (tmp_path / "s.npz").write_bytes(stats_bytes)
     stats = CalibrationStatistics.load(tmp_path / "s.npz")
@@ -200,7 +200,7 @@ def test_stats_round_trip(tmp_path, stats_bytes):
 @FUZZ_FILES
 @given(data=st.data())
 def test_fuzz_calibration_statistics(tmp_path_factory, stats_bytes, data):
-    from calibration.collect import CalibrationStatistics
+    from crossvit_edge.calibration.collect import CalibrationStatistics
 
     path = tmp_path_factory.mktemp("s") / "s.npz"
     how = data.draw(st.sampled_from(["bytes", "meta", "arrays"]))

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converters.onnx import OnnxRuntimeRunner, QDQRuleError, check_qdq_rules
+from crossvit_edge.converters.onnx import OnnxRuntimeRunner, QDQRuleError, check_qdq_rules
 from crossvit_edge.bundle import read_manifest
 from crossvit_edge.checkpoint import load_checkpoint
 from crossvit_edge.data import open_image_set
@@ -108,8 +108,8 @@ def test_int8_graph_obeys_tensorrt_rules_and_the_plan(bundles, micro_checkpoint,
     plan_scales = {float(np.float32(l["input_amax"] / 127)) for l in plan["layers"] if l["precision"] == "int8"}
     assert graph_scales == plan_scales
     # ORT with optimisations off computes exactly the PyTorch Q/DQ model
-    from calibration.plan import QuantPlan
-    from calibration.qdq import apply_qdq
+    from crossvit_edge.calibration.plan import QuantPlan
+    from crossvit_edge.calibration.qdq import apply_qdq
 
     model = load_checkpoint(micro_checkpoint).model
     qmodel = apply_qdq(model, QuantPlan.from_dict(plan))
@@ -172,7 +172,7 @@ def _config_entries(runner):
 
 
 def test_ort_cpu_form_runs_integer_kernels_with_the_plans_ranges(bundles, cpu_form_bundles, micro_checkpoint, val_images):
-    from converters.onnx import integer_kernel_report, ort_optimized_graph
+    from crossvit_edge.converters.onnx import integer_kernel_report, ort_optimized_graph
 
     trt_runner, trt_manifest = _runner(bundles["int8"], exact=True)
     runner, manifest = _runner(cpu_form_bundles["ort-cpu"])
@@ -204,8 +204,8 @@ def test_ort_cpu_form_runs_integer_kernels_with_the_plans_ranges(bundles, cpu_fo
         assert "session.disable_quant_qdq" in _config_entries(_runner(bundles["int8"])[0])
     # numbers: ORT without optimisations computes the graph's Q/DQ semantics exactly; they are the
     # TensorRT form's (the same grid shifted by 128) up to the int32 bias rounding
-    from calibration.plan import QuantPlan
-    from calibration.qdq import apply_qdq
+    from crossvit_edge.calibration.plan import QuantPlan
+    from crossvit_edge.calibration.qdq import apply_qdq
 
     model = load_checkpoint(micro_checkpoint).model
     x, _ = val_images
@@ -225,7 +225,7 @@ def test_ort_cpu_form_runs_integer_kernels_with_the_plans_ranges(bundles, cpu_fo
 
 
 def test_ort_cpu_dynamic_form_quantizes_the_same_layers(cpu_form_bundles, micro_checkpoint, val_images):
-    from converters.onnx import integer_kernel_report, ort_optimized_graph
+    from crossvit_edge.converters.onnx import integer_kernel_report, ort_optimized_graph
 
     runner, manifest = _runner(cpu_form_bundles["ort-cpu-dynamic"])
     n_linear = sum(1 for l in manifest["quantization_plan"]["layers"] if l["precision"] == "int8" and l["kind"] == "linear")
@@ -255,7 +255,7 @@ def attention_bundles(micro_checkpoint, digits_dir, tmp_path_factory):
 
 
 def test_int8_attention_off_leaves_the_graph_unchanged(bundles, cpu_form_bundles, micro_checkpoint, tmp_path):
-    from converters.onnx import _attention_matmuls, _const_values
+    from crossvit_edge.converters.onnx import _attention_matmuls, _const_values
 
     # off said explicitly builds the very bytes of the default (the form without the option)
     spec = BuildSpec(target="onnx", output=tmp_path / "off", precision="int8", checkpoint=str(micro_checkpoint),
@@ -279,9 +279,9 @@ def test_int8_attention_off_leaves_the_graph_unchanged(bundles, cpu_form_bundles
 def test_int8_attention_option_runs_integer_attention_matmuls(attention_bundles, micro_checkpoint, val_images):
     import json
 
-    from calibration.plan import QuantPlan
-    from calibration.qdq import apply_qdq
-    from converters.onnx import _attention_matmuls, _const_values, integer_kernel_report, ort_optimized_graph
+    from crossvit_edge.calibration.plan import QuantPlan
+    from crossvit_edge.calibration.qdq import apply_qdq
+    from crossvit_edge.converters.onnx import _attention_matmuls, _const_values, integer_kernel_report, ort_optimized_graph
 
     model = load_checkpoint(micro_checkpoint).model
     n_blocks = sum(1 for n, _ in model.named_modules() if n.endswith(".attn.qkv"))  # self-attention blocks
@@ -411,7 +411,7 @@ def test_qdq_checker_accepts_a_legal_graph_and_names_offenders():
     ],
 )
 def test_cli_bad_calibration_input(tmp_path, tiny_checkpoint, digits_dir, args, message):
-    from calibration.collect import CalibrationStatistics
+    from crossvit_edge.calibration.collect import CalibrationStatistics
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")

@@ -152,7 +152,7 @@ TORCH_FREE = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     from crossvit_edge.runtime import load
     from crossvit_edge.classify import main
-    from converters.base import runner_class
+    from crossvit_edge.converters.base import runner_class
     runner_class("engine")  # the TensorRT device runner imports without the conversion stack too (runs on a Jetson)
     model = load({bundle!r}, threads=1)
     print(model.classify([{image!r}], top_k=2))

@@ -1,4 +1,4 @@
-"""Bundles, profiles, results files and image folders are untrusted input (README "Security model").
+"""Bundles, profiles, results files and image folders are untrusted input (docs/security.md).
 
 Every hostile input below is crafted in a temporary folder from a real converted bundle. Payloads
 only create a marker file. Each case asserts: exit code 2, exactly one line on stderr and no
@@ -30,7 +30,7 @@ from crossvit_edge.errors import UserError
 
 from .conftest import MICRO_CLI, REPO
 
-HAVE_DEVICE_RUNNER = importlib.util.find_spec("converters.tensorrt.device") is not None
+HAVE_DEVICE_RUNNER = importlib.util.find_spec("crossvit_edge.converters.tensorrt.device") is not None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def commands(case: Case):
     out = [("profile", ("crossvit_edge.profile", case.bundle, "--data", case.images, "--output", case.output)),
            ("classify", ("crossvit_edge.classify", case.bundle, image))]
     if HAVE_DEVICE_RUNNER:
-        out.append(("device", ("converters.tensorrt.device", case.bundle, "--data", case.images, "--build", "--output", case.output / "results.json")))
+        out.append(("device", ("crossvit_edge.converters.tensorrt.device", case.bundle, "--data", case.images, "--build", "--output", case.output / "results.json")))
     return out
 
 
@@ -627,16 +627,16 @@ def test_sigterm_during_conversion_cleans_up(tmp_path, micro_checkpoint):
 
 
 def test_runner_registry_is_fixed_code():
-    """The only imports of runner modules go through ``converters.RUNNERS`` (a literal table)."""
-    import converters
-    from converters.base import runner_class
+    """The only imports of runner modules go through ``crossvit_edge.converters.RUNNERS`` (a literal table)."""
+    from crossvit_edge import converters
+    from crossvit_edge.converters.base import runner_class
 
     assert set(converters.RUNNERS) == {"onnx", "pte", "mlpackage", "engine"}
-    assert all(v.startswith("converters.") for v in converters.RUNNERS.values())
+    assert all(v.startswith("crossvit_edge.converters.") for v in converters.RUNNERS.values())
     assert runner_class("onnx").__name__ == "OnnxRuntimeRunner"
-    for bad in ("payload:Runner", "os:system", "converters.onnx:OnnxRuntimeRunner", None, ["onnx"]):
+    for bad in ("payload:Runner", "os:system", "crossvit_edge.converters.onnx:OnnxRuntimeRunner", "converters.onnx:OnnxRuntimeRunner", None, ["onnx"]):
         with pytest.raises(UserError, match="unknown artifact kind"):
             runner_class(bad)
-    import converters.base
+    import crossvit_edge.converters.base
 
-    assert not hasattr(converters.base, "load_runner_class")
+    assert not hasattr(crossvit_edge.converters.base, "load_runner_class")

@@ -19,10 +19,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from calibration import trt_cache
-from converters.tensorrt.onnx_surgery import decompose_layernorm
-from converters.tensorrt.static_check import TensorRTCheckError, const_input_rules, static_check
-from converters.tensorrt.versions import FP32_PREFIX, builder_flags, resolve_target
+from crossvit_edge.calibration import trt_cache
+from crossvit_edge.converters.tensorrt.onnx_surgery import decompose_layernorm
+from crossvit_edge.converters.tensorrt.static_check import TensorRTCheckError, const_input_rules, static_check
+from crossvit_edge.converters.tensorrt.versions import FP32_PREFIX, builder_flags, resolve_target
 from crossvit_edge.bundle import read_manifest
 from crossvit_edge.checkpoint import load_checkpoint
 from crossvit_edge.data import open_image_set
@@ -49,7 +49,7 @@ def _trt_status():
         import tensorrt  # noqa: F401
     except ImportError:
         return False, "tensorrt is not installed (it comes with JetPack; NVIDIA's wheels are not on PyPI here)"
-    from converters.tensorrt.device import device_status
+    from crossvit_edge.converters.tensorrt.device import device_status
 
     return device_status()
 
@@ -184,7 +184,7 @@ def test_implicit_int8_option_ranges_every_activation_tensor(tmp_path, micro_che
     (Q/DQ stripped, LayerNorm decomposed), the cache has a range for every float activation tensor of
     it (the plan's int8 inputs with the plan's ranges), the report says which nodes can run INT8
     under each builder, and build_engine.sh hands trtexec the cache with its own version header."""
-    from converters.tensorrt.implicit import float_activations
+    from crossvit_edge.converters.tensorrt.implicit import float_activations
 
     path = tmp_path / "jp5-implicit.yaml"
     path.write_text((REPO / "profiles" / "jetson-xavier-nx-jp5.yaml").read_text().replace("mode: explicit", "mode: implicit").replace(
@@ -241,9 +241,9 @@ def assert_int8_effective(bundle: Path) -> None:
     explicit modes: the build ONNX's Q/DQ nodes pass TensorRT's rule checker and every int8 layer of
     the plan has its weight DQ and activation Q/DQ in it; implicit mode: the calibration cache has a
     range for every float activation tensor of the build ONNX."""
-    from converters.onnx import check_qdq_rules
-    from converters.tensorrt.implicit import float_activations
-    from converters.tensorrt.onnx_surgery import int8_layer_io
+    from crossvit_edge.converters.onnx import check_qdq_rules
+    from crossvit_edge.converters.tensorrt.implicit import float_activations
+    from crossvit_edge.converters.tensorrt.onnx_surgery import int8_layer_io
 
     manifest = read_manifest(bundle)
     trt = manifest["tensorrt"]
@@ -273,7 +273,7 @@ def _dry_run(folder: Path, version_int: int, script: str = "build_engine.sh"):
 
 def _assert_trtexec_flags(cmd: str, target) -> None:
     """The version-specific trtexec flags (each checked in samples/common/sampleOptions.cpp of the
-    NVIDIA/TensorRT release branch: see converters.tensorrt.build_script.trtexec_flags)."""
+    NVIDIA/TensorRT release branch: see crossvit_edge.converters.tensorrt.build_script.trtexec_flags)."""
     words = cmd.split()
     assert words[0] == "/nonexistent/trtexec"
     assert f"--memPoolSize=workspace:{target.workspace_mib}" in words
@@ -298,7 +298,7 @@ def _assert_trtexec_flags(cmd: str, target) -> None:
 def test_build_script_of_every_jetson_profile(profile, tmp_path):
     """Without an export: the trtexec command each shipped profile gets (and the implicit-INT8
     option of the JetPack 5 one), and the script's guards."""
-    from converters.tensorrt.build_script import build_script, latency_flags, trtexec_flags
+    from crossvit_edge.converters.tensorrt.build_script import build_script, latency_flags, trtexec_flags
 
     profile, _, mode = profile.partition(":")
     prof = load_profile(profile)
@@ -637,7 +637,7 @@ def test_cli_subprocess_dla_on_thor_is_one_line(tmp_path):
 
 
 def test_no_profile_is_refused(tmp_path):
-    from converters.tensorrt import TensorRTConverter
+    from crossvit_edge.converters.tensorrt import TensorRTConverter
 
     spec = BuildSpec(target="tensorrt", output=tmp_path / "o", precision="fp16")
     with pytest.raises(UserError, match="needs --profile"):
@@ -674,10 +674,10 @@ BLOCK_TORCH = textwrap.dedent(
 def test_device_module_imports_without_torch():
     code = BLOCK_TORCH + textwrap.dedent(
         """
-        import converters.tensorrt.device as d
-        from converters.tensorrt.device import TensorRTRunner, build_engine, folder_results, main
+        import crossvit_edge.converters.tensorrt.device as d
+        from crossvit_edge.converters.tensorrt.device import TensorRTRunner, build_engine, folder_results, main
         import crossvit_edge.data, crossvit_edge.preprocess, crossvit_edge.metrics, crossvit_edge.bundle
-        import converters.tensorrt.versions, converters.tensorrt.implicit
+        import crossvit_edge.converters.tensorrt.versions, crossvit_edge.converters.tensorrt.implicit
         loaded = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in ("torch", "yaml", "onnx", "onnxruntime", "onnxscript"))
         assert not loaded, loaded
         print("ok")
@@ -692,7 +692,7 @@ def test_host_buffers_of_every_engine_dtype_wrap_without_copying():
     here the memory is a ctypes buffer instead of cudaMallocHost's, the wrapping is the same."""
     import ctypes
 
-    from converters.tensorrt.device import host_array
+    from crossvit_edge.converters.tensorrt.device import host_array
 
     for dtype in (np.float16, np.float32, np.int8, np.int32, np.bool_):
         buf = (ctypes.c_char * (2 * 3 * np.dtype(dtype).itemsize))()
@@ -709,7 +709,7 @@ def test_pycuda_backend_uses_the_primary_context():
     """TensorRT works in the device's primary context; ``pycuda.autoinit`` would create a second one."""
     import ast
 
-    import converters.tensorrt.device as d
+    import crossvit_edge.converters.tensorrt.device as d
 
     tree = ast.parse(Path(d.__file__).read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
@@ -724,7 +724,7 @@ def test_dynamic_ranges_cover_the_tensors_tensorrt_makes_itself():
     tensors (x, the MatMul output, y): the constants get ranges from their weights, the Shuffle from
     its input, so every layer can run INT8; a layer TensorRT adds whose output nothing ranges
     cannot, and says why."""
-    from converters.tensorrt.implicit import NetLayer, dynamic_ranges
+    from crossvit_edge.converters.tensorrt.implicit import NetLayer, dynamic_ranges
 
     w = "(Unnamed Layer* 0) [Constant]_output"
     ws = "(Unnamed Layer* 1) [Shuffle]_output"
@@ -750,7 +750,7 @@ def test_dynamic_ranges_cover_the_tensors_tensorrt_makes_itself():
 
 
 def test_device_cli_and_runner_without_an_engine_fail_cleanly(bundle_of, digits_dir, tmp_path):
-    from converters.tensorrt.device import TensorRTRunner
+    from crossvit_edge.converters.tensorrt.device import TensorRTRunner
 
     bundle = bundle_of("jetson-orin-nano-jp6")
     manifest = read_manifest(bundle)
@@ -759,7 +759,7 @@ def test_device_cli_and_runner_without_an_engine_fail_cleanly(bundle_of, digits_
         TensorRTRunner(bundle, manifest)
     code = BLOCK_TORCH + textwrap.dedent(
         f"""
-        from converters.tensorrt.device import main
+        from crossvit_edge.converters.tensorrt.device import main
         sys.exit(main([{str(bundle)!r}, "--data", {str(digits_dir / "val")!r}, "--output", {str(tmp_path / "r.json")!r}]))
         """
     )
@@ -774,7 +774,7 @@ def test_a_rebuild_on_the_device_keeps_the_bundle_openable(bundle_of, tmp_path):
     must record the new hash, or the next open refuses the bundle as modified."""
     import shutil
 
-    from converters.tensorrt.device import _refresh_listed_files
+    from crossvit_edge.converters.tensorrt.device import _refresh_listed_files
     from crossvit_edge.bundle import open_bundle, write_manifest
 
     bundle = tmp_path / "b"
@@ -797,7 +797,7 @@ def test_a_build_never_overwrites_what_it_reads(bundle_of, digits_dir, tmp_path,
     TensorRT is needed, and nothing in the bundle changes."""
     import shutil
 
-    from converters.tensorrt.device import main
+    from crossvit_edge.converters.tensorrt.device import main
     from crossvit_edge.bundle import write_manifest
 
     for victim in ("onnx", "manifest.json"):
@@ -833,8 +833,8 @@ def test_device_results_file_merges_into_the_harness(bundle_of, digits_dir, tmp_
         f"""
         import time
         from pathlib import Path
-        from converters.onnx import OnnxRuntimeRunner
-        from converters.tensorrt.device import folder_results, run_folder
+        from crossvit_edge.converters.onnx import OnnxRuntimeRunner
+        from crossvit_edge.converters.tensorrt.device import folder_results, run_folder
         from crossvit_edge.bundle import read_manifest, write_json
         from crossvit_edge.data import open_image_set
         from crossvit_edge.preprocess import Preprocessing
@@ -879,7 +879,7 @@ def test_device_results_file_merges_into_the_harness(bundle_of, digits_dir, tmp_
 
 
 def _local_profile(tmp_path, precision):
-    from converters.tensorrt.device import compute_capability, installed_version
+    from crossvit_edge.converters.tensorrt.device import compute_capability, installed_version
 
     major, minor, patch = installed_version()
     mode = "explicit" if major < 10 else "strongly-typed"
@@ -895,7 +895,7 @@ def _local_profile(tmp_path, precision):
 @needs_trt_gpu
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_engine_is_built_and_runs_close_to_fp32(tmp_path, micro_checkpoint, digits_dir, precision, val_images):
-    from converters.tensorrt.device import TensorRTRunner
+    from crossvit_edge.converters.tensorrt.device import TensorRTRunner
 
     prof = _local_profile(tmp_path, precision)
     spec = _spec(tmp_path, micro_checkpoint, digits_dir, prof, precision=precision, require_engine=True)
@@ -924,7 +924,7 @@ def test_device_cli_builds_and_writes_mergeable_results(tmp_path, micro_checkpoi
     convert(spec)
     (spec.output / f"{MICRO_MODEL}_fp16.engine").unlink()
     out = tmp_path / "results.json"
-    r = run_cli("converters.tensorrt.device", spec.output, "--data", digits_dir / "val", "--build", "--runs", "5", "--output", out)
+    r = run_cli("crossvit_edge.converters.tensorrt.device", spec.output, "--data", digits_dir / "val", "--build", "--runs", "5", "--output", out)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     images = open_image_set(digits_dir / "val")

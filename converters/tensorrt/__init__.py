@@ -5,7 +5,7 @@ the engine itself.
 TensorRT engines are specific to the TensorRT version and the GPU they were built on, so a bundle
 made on a workstation carries everything the Jetson needs to build the engine there: the ONNX,
 ``build_engine.sh`` (trtexec), the options the Python builder reads from the manifest
-(``python -m converters.tensorrt.device BUNDLE --build ...``) and, for the implicit-INT8 option,
+(``python -m crossvit_edge.converters.tensorrt.device BUNDLE --build ...``) and, for the implicit-INT8 option,
 the calibration cache.
 
 One module per concern:
@@ -19,9 +19,9 @@ One module per concern:
 * ``converter``: ``TensorRTConverter``;
 * ``device``: the Jetson side (builder, runner, CLI), torch-, onnx- and PyYAML-free.
 
-This file imports nothing: ``converters.tensorrt.device`` is imported on a Jetson without torch or
+This file imports nothing: ``crossvit_edge.converters.tensorrt.device`` is imported on a Jetson without torch or
 onnx, and importing a submodule runs this file first. ``TensorRTConverter`` (the name
-``converters.CONVERTERS`` gives) and the converter-side helpers are loaded on first access.
+``crossvit_edge.converters.CONVERTERS`` gives) and the converter-side helpers are loaded on first access.
 The profile keys and the choice between modes: ``docs/tensorrt_int8.md``.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ from .versions import TrtTarget
 
 BUILD_SCRIPT = "build_engine.sh"
 TIMING_CACHE = "timing.cache"
-DEVICE_PROG = "converters.tensorrt.device"
+DEVICE_PROG = "crossvit_edge.converters.tensorrt.device"
 
 def trtexec_flags(target: TrtTarget, onnx_file: str, engine_file: str, layer_info: str, cache_file: Optional[str], fp32_layers: Sequence[str]) -> List[str]:
     """trtexec's build flags for ``target``, each checked against samples/common/sampleOptions.cpp of
@@ -83,7 +83,7 @@ def build_script(target: TrtTarget, build: List[str], latency: List[str], cache_
       the trtexec found (``TRT-<NV_TENSORRT_VERSION>-EntropyCalibration2``).
     * Implicit INT8 with trtexec ranges only the tensors the cache names: TensorRT's own tensors
       (a MatMul weight's constant and the Shuffle the 8.5 parser puts after it) get none, so those
-      layers run in float. ``python -m converters.tensorrt.device BUNDLE --build`` ranges them too.
+      layers run in float. ``python -m crossvit_edge.converters.tensorrt.device BUNDLE --build`` ranges them too.
     * ``DRY_RUN=1`` prints the trtexec command instead of running it.
     """
     branch = f"release/{target.version[0]}.{target.version[1]}"

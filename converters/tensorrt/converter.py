@@ -1,10 +1,10 @@
 """The TensorRT converter: the TensorRT-ready ONNX for the profile's TensorRT, checked statically
 against its parser, ``build_engine.sh``, the manifest options the device builder reads, and, when
-TensorRT and a matching GPU are present, the engine itself (``converters.tensorrt.device``).
+TensorRT and a matching GPU are present, the engine itself (``crossvit_edge.converters.tensorrt.device``).
 
 INT8 is explicit Q/DQ for every profile by default (8.5 included): the graph carries the plan's
 placement, TensorRT's rule checker passes it, and the engine computes what the accuracy check ran.
-Implicit INT8 (``mode: implicit``, 8.5-10.x) is an option; see ``converters.tensorrt.implicit``.
+Implicit INT8 (``mode: implicit``, 8.5-10.x) is an option; see ``crossvit_edge.converters.tensorrt.implicit``.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _engine_possible(target: TrtTarget) -> Tuple[bool, str]:
 
 
 def _version_int(target: TrtTarget) -> int:
-    from calibration.trt_cache import version_int
+    from crossvit_edge.calibration.trt_cache import version_int
 
     return version_int(target.version)
 
@@ -54,7 +54,7 @@ def implicit_int8_graph(ctx, proto, target: TrtTarget, out_dir: Path, stem: str)
     of which nodes can run INT8. Returns (build graph, cache file, report, fp32 pinned layers)."""
     import onnx
 
-    from calibration.trt_cache import amax_to_scale, format_cache
+    from crossvit_edge.calibration.trt_cache import amax_to_scale, format_cache
 
     from .implicit import activation_amax, float_activations, onnx_int8_report
     from .onnx_surgery import decompose_layernorm, int8_layer_io, strip_qdq

@@ -1,12 +1,12 @@
 """Device side of the TensorRT target (runs on the Jetson): build the engine from a bundle's ONNX,
 run it on a folder of images, time it, and write the results file the profiling harness merges.
 
-    python -m converters.tensorrt.device BUNDLE --data DIR [--build] [--runs N] --output results.json
+    python -m crossvit_edge.converters.tensorrt.device BUNDLE --data DIR [--build] [--runs N] --output results.json
 
 Torch-free by construction: it imports tensorrt, numpy, pycuda or cuda-python, PIL (through
 ``crossvit_edge.data``/``preprocess``) and the torch-free modules ``crossvit_edge.bundle``,
-``data``, ``errors``, ``metrics``, ``preprocess``, ``converters.base``, ``converters.tensorrt.versions``,
-``converters.tensorrt.implicit`` and ``calibration.trt_cache`` (``tests/test_tensorrt.py`` imports it, and runs its folder/results
+``data``, ``errors``, ``metrics``, ``preprocess``, ``crossvit_edge.converters.base``, ``crossvit_edge.converters.tensorrt.versions``,
+``crossvit_edge.converters.tensorrt.implicit`` and ``crossvit_edge.calibration.trt_cache`` (``tests/test_tensorrt.py`` imports it, and runs its folder/results
 path, in a subprocess whose meta-path finder refuses any import of torch and PyYAML).
 
 Every file the manifest names (ONNX, engine, layer information, timing cache, calibration cache) is
@@ -25,7 +25,7 @@ differences handled here:
   (always strongly typed; ``EXPLICIT_BATCH`` no longer exists). Flag bit positions moved between
   versions (``kSTRONGLY_TYPED = 1`` in release/10.3 include/NvInfer.h, ``= 0`` and deprecated in
   release/11.0), so they are always read from the enum.
-* builder flags: ``converters.tensorrt.versions.builder_flags`` (the converter records the same
+* builder flags: ``crossvit_edge.converters.tensorrt.versions.builder_flags`` (the converter records the same
   answer in the manifest): ``FP16/INT8`` for weakly typed 8.x/10.x networks, none when strongly
   typed (the flags do not exist in 11.x); ``PREFER_PRECISION_CONSTRAINTS`` with DLA below 11.0, as
   trtexec sets it.
@@ -47,8 +47,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from calibration.trt_cache import parse_cache, parse_version
-from converters.base import Runner
+from crossvit_edge.calibration.trt_cache import parse_cache, parse_version
+from crossvit_edge.converters.base import Runner
 from crossvit_edge.errors import UserError
 
 from .implicit import NetLayer, dynamic_ranges
@@ -56,7 +56,7 @@ from .versions import builder_flags
 
 log = logging.getLogger(__name__)
 
-PROG = "converters.tensorrt.device"
+PROG = "crossvit_edge.converters.tensorrt.device"
 
 
 def _import_trt():

@@ -189,7 +189,7 @@ def activation_amax(model, batches: Iterable[np.ndarray]) -> Tuple[Dict[str, flo
 def onnx_int8_report(model, activations: Sequence[str], ranged: Iterable[str], fp32_prefix: Optional[str]) -> Dict[str, Any]:
     """Which ONNX nodes of the build graph can run INT8 under each builder:
 
-    * Python builder (``python -m converters.tensorrt.device --build``): every activation tensor
+    * Python builder (``python -m crossvit_edge.converters.tensorrt.device --build``): every activation tensor
       has a range from the cache and every constant tensor one from its values, so every node can,
       except the pinned fp32 ones;
     * trtexec (``build_engine.sh``): ranges only what the cache names; a node that reads a

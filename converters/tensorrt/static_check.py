@@ -72,7 +72,7 @@ def static_check(model, target: TrtTarget) -> Dict[str, Any]:
     naming the first offending node (and how many more there are), else returns a report."""
     import onnx
 
-    from converters.onnx import QDQRuleError, check_qdq_rules, op_counts
+    from crossvit_edge.converters.onnx import QDQRuleError, check_qdq_rules, op_counts
 
     v = target.version
     label = f"TensorRT {target.version_text}"

@@ -2,7 +2,7 @@
 profile's ``tensorrt`` section resolved into a ``TrtTarget`` (checked before any work).
 
 ``builder_flags`` is the one place that decides the ``BuilderFlag`` set for a build; the converter
-records its answer in the manifest and the device-side builder (``converters.tensorrt.device``)
+records its answer in the manifest and the device-side builder (``crossvit_edge.converters.tensorrt.device``)
 calls it again with the installed version. Torch-, onnx- and PyYAML-free: the device imports it.
 Sources for every table: ``docs/tensorrt_api.md`` and ``docs/tensorrt_int8.md``.
 
@@ -21,7 +21,7 @@ What the device profile's ``tensorrt`` section selects (``profiles/jetson-*.yaml
     opset >= 19 (10.0: opset 9-20), so the opset is raised to 19 for strongly typed int8 and both
     numbers are recorded. The parser types each DequantizeLinear output by its scale (fp16).
   - ``implicit`` (an option, 8.x-10.x): the fp32 graph without Q/DQ plus a range for every tensor
-    (``converters.tensorrt.implicit``).
+    (``crossvit_edge.converters.tensorrt.implicit``).
   Default: ``explicit`` for 8.x and for DLA on 10.x, ``strongly-typed`` otherwise.
 * ``dla_core`` / ``gpu_fallback``: DLA (trtexec ``--useDLACore=N --allowGPUFallback``).
 * ``workspace_mib``, ``opset``, and the descriptive ``device``, ``jetpack``, ``sm``.
@@ -140,7 +140,7 @@ def accepted_dtypes(major: int, minor: int) -> set:
 
 
 def parse_trt_version(text: str) -> Tuple[int, int, int]:
-    from calibration.trt_cache import parse_version
+    from crossvit_edge.calibration.trt_cache import parse_version
 
     return parse_version(text)
 
