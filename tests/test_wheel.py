@@ -28,14 +28,20 @@ def _run(cmd, cwd: Path, **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def dist(tmp_path_factory) -> Path:
-    """sdist and wheel built from a clean copy of the sources (links kept as links, as git has them)."""
-    root = tmp_path_factory.mktemp("wheel")
-    src = root / "src"
+def source_copy(tmp_path_factory) -> Path:
+    """A clean copy of the sources (links kept as links, as git has them)."""
+    src = tmp_path_factory.mktemp("wheel") / "src"
     shutil.copytree(REPO, src, symlinks=True, ignore=_NOT_SOURCES)
-    r = _run([sys.executable, "-m", "build", "--outdir", root / "dist", src], cwd=root)
+    return src
+
+
+@pytest.fixture(scope="module")
+def dist(source_copy) -> Path:
+    """sdist and wheel, as `python -m build` makes them (the wheel is built from the sdist)."""
+    out = source_copy.parent / "dist"
+    r = _run([sys.executable, "-m", "build", "--outdir", out, source_copy], cwd=source_copy.parent)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return root / "dist"
+    return out
 
 
 def _wheel(dist: Path) -> Path:
@@ -174,3 +180,16 @@ def test_the_jetson_entry_points_start_without_torch(onnx_venv, micro_checkpoint
     r = _run([bin_ / "crossvit-edge-device", bundle, "--data", digits_dir / "val", "--output", tmp_path / "r.json"], cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "tensorrt" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_bare_checkout_imports_the_same_namespace(onnx_venv, source_copy):
+    """Run from a checkout's root (no install of it), `python -m` finds crossvit_edge.converters and
+    the profiles through the links, in the checkout itself."""
+    code = ("import crossvit_edge.converters.tensorrt.device as d, crossvit_edge.calibration.trt_cache as c\n"
+            "from crossvit_edge.device_profiles import list_profiles\n"
+            "print(d.__file__); print(c.__file__); print(len(list_profiles()))\n")
+    r = _run([onnx_venv / "bin" / "python", "-c", code], cwd=source_copy)
+    assert r.returncode == 0, r.stderr
+    device, cache, profiles = r.stdout.split()
+    assert device.startswith(str(source_copy)) and cache.startswith(str(source_copy)), r.stdout
+    assert int(profiles) == len(list((REPO / "profiles").glob("*.yaml")))
