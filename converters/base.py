@@ -85,6 +85,8 @@ class Runner(ABC):
     """Executes one bundle's artifact on a batch of preprocessed images."""
 
     target: ClassVar[str]
+    # native code parses the artifact: the CLIs load it in a child process first (crossvit_edge.isolation)
+    isolate_first_load: ClassVar[bool] = True
 
     def __init__(self, bundle_dir: Path, manifest: Dict[str, Any], artifact: Optional[str] = None, threads: Optional[int] = None):
         from crossvit_edge.bundle import resolve_in_bundle
@@ -98,6 +100,14 @@ class Runner(ABC):
                                                "artifact.file" if chosen == primary else "artifact.stand_in.file")
         self.threads = threads
         self.batch_size: int = int(manifest["input"]["shape"][0])
+
+    @classmethod
+    @abstractmethod
+    def check_artifact(cls, root: Path, manifest: Dict[str, Any], rel: str, source: str) -> None:
+        """Read the artifact ``rel`` of a verified bundle as data, never through its runtime, before
+        any runner is built (``crossvit_edge.bundle.open_bundle`` calls it): every file it makes its
+        runtime open is listed in the manifest and inside the bundle, and its own input and output
+        are the manifest's (``crossvit_edge.artifact_check``). UserError (one line) otherwise."""
 
     @property
     def description(self) -> str:
