@@ -9,6 +9,9 @@ drives every converter the same way:
     runner = runner_class(artifact.kind)(bundle_dir, manifest)  # loads what was written, as an app would
     logits = runner.run(images)              # (B, 3, H, W) float32 -> (B, classes) float32
 
+and ``open_bundle`` calls ``runner_class(kind).check_artifact(root, manifest, file, source)`` on a
+bundle from elsewhere before any runner exists (what the artifact refers to, its signature).
+
 and the profiling harness only ever sees ``Runner``: it never branches on the target.
 """
 from __future__ import annotations

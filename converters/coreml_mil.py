@@ -226,22 +226,12 @@ def _package_manifest(package: Path) -> Dict[str, Any]:
 def _inside_package(package: Path, base: Path, rel: Any, what: str) -> Path:
     """``base / rel`` for a name the package itself holds: a plain relative name (no '..', not
     absolute), no symlink on the way, inside the package folder."""
-    from crossvit_edge.bundle import check_relative_name
+    from crossvit_edge.artifact_check import contained_path
 
     try:
-        check_relative_name(rel, what)
+        return contained_path(package, base, rel, what)
     except UserError as e:
         raise MILCheckerError(f"{Path(package).name}: {e}") from None
-    package = Path(package).resolve()
-    path = Path(base) / rel
-    probe = path
-    while probe != package and package in probe.parents:
-        if probe.is_symlink():
-            raise MILCheckerError(f"{package.name}: {what}: {rel!r} goes through a symlink")
-        probe = probe.parent
-    if package not in path.resolve().parents:
-        raise MILCheckerError(f"{package.name}: {what}: {rel!r} leads outside the package")
-    return path
 
 
 def find_model_spec(package: Path) -> Path:
@@ -280,14 +270,19 @@ def weight_file(package: Path, model_dir: Path, file_name: Any, source: str) -> 
 
 
 def blob_file_names(message) -> List[str]:
-    """Every ``BlobFileValue.fileName`` anywhere in a spec (functions, blocks, nested blocks,
-    attributes, inputs), found by walking the protobuf rather than by knowing where they sit."""
+    """Every weight file name a spec references (``blob_file_values``), sorted, once each."""
+    return sorted({v.fileName for v in blob_file_values(message)})
+
+
+def blob_file_values(message) -> List[Any]:
+    """Every ``BlobFileValue`` anywhere in a spec (functions, blocks, nested blocks, attributes,
+    inputs), found by walking the protobuf rather than by knowing where they sit."""
     MIL_pb2, _ = _proto()
-    names, stack = set(), [message]
+    values, stack = [], [message]
     while stack:
         m = stack.pop()
         if isinstance(m, MIL_pb2.Value.BlobFileValue):
-            names.add(m.fileName)
+            values.append(m)
             continue
         for field, value in m.ListFields():
             if field.type != field.TYPE_MESSAGE:
@@ -298,7 +293,7 @@ def blob_file_names(message) -> List[str]:
                 stack.append(value)
             else:  # a repeated message field
                 stack.extend(value)
-    return sorted(names)
+    return values
 
 
 _ARRAY_DTYPES = {65568: "float32", 65552: "float16", 65600: "float64", 131104: "int32", 131080: "int8"}

@@ -506,8 +506,10 @@ class ExecuTorchRunner(Runner):
 
             if _threadpool_get_thread_count() != threads:
                 _unsafe_reset_threadpool(threads)
-        where = f"{self.artifact_path.name}"
-        data = read_listed_file(self.bundle_dir, manifest, self.artifact_path, where)
+        where = f"bundle {self.bundle_dir.name}: {self.artifact_path.name}"
+        # a bundle's manifest lists the file: the bytes loaded are the bytes verified; the pipeline's
+        # check of the program it has just written runs before the manifest (and its files) exists
+        data = read_listed_file(self.bundle_dir, manifest, self.artifact_path, where) if "files" in manifest else self.artifact_path.read_bytes()
         try:
             self._program = Runtime.get().load_program(data, verification=Verification.InternalConsistency)
         except (RuntimeError, ValueError) as e:  # the runtime's error for a program that fails verification

@@ -72,26 +72,33 @@ def _dims(shape: Sequence[Any]) -> str:
 # Files an artifact refers to
 
 
-def check_referenced_file(root: Path, base: Path, rel: Any, manifest: Dict[str, Any], source: str, what: str) -> Path:
-    """``base / rel`` (``base``: the folder the artifact resolves names against, inside the
-    bundle ``root``) must be a plain relative name, reach no symlink, stay inside the bundle and be
-    listed in ``files`` (and so verified by ``open_bundle``). Returns the path."""
-    try:
-        check_relative_name(rel, what)
-    except UserError as e:
-        raise UserError(f"{source}: {e}") from None
-    root = Path(root).resolve()
+def contained_path(top: Path, base: Path, rel: Any, what: str) -> Path:
+    """``base / rel`` for a name an artifact holds (``base``: the folder it resolves names against,
+    inside ``top``): a plain relative name (no '..', not absolute), no symlink between ``top`` and
+    the file, inside ``top``. UserError naming ``what`` otherwise."""
+    check_relative_name(rel, what)
+    top = Path(top).resolve()
     path = Path(base) / rel
     try:
-        listed = path.relative_to(root).as_posix()
+        inside = path.relative_to(top)
     except ValueError:
-        raise UserError(f"{source}: {what}: {brief(rel)} leads outside the bundle") from None
-    probe = root
-    for part in Path(listed).parts:
+        raise UserError(f"{what}: {brief(rel)} leads outside {brief(top.name)}") from None
+    probe = top
+    for part in inside.parts:
         probe = probe / part
         if probe.is_symlink():
-            raise UserError(f"{source}: {what}: {brief(rel)} goes through a symlink ({brief(probe.name)}); a bundle holds its files themselves")
-    if listed not in manifest["files"]:
+            raise UserError(f"{what}: {brief(rel)} goes through a symlink ({brief(probe.name)}); a bundle holds its files themselves")
+    return path
+
+
+def check_referenced_file(root: Path, base: Path, rel: Any, manifest: Dict[str, Any], source: str, what: str) -> Path:
+    """``contained_path`` inside the bundle ``root``, and listed in ``files`` (so verified by
+    ``open_bundle``). Returns the path."""
+    try:
+        path = contained_path(root, base, rel, what)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    if path.relative_to(Path(root).resolve()).as_posix() not in manifest["files"]:
         raise UserError(f"{source}: {what}: {brief(rel)} is not listed in the manifest's 'files' (with its sha256 and size), "
                         "so it cannot be verified")
     if not path.is_file():

@@ -551,9 +551,10 @@ class Bundle:
         return runner_class(self.kind)(self.root, self.manifest, threads=threads)
 
 
-def open_bundle(path: Any) -> Bundle:
+def open_bundle(path: Any, read_artifacts: bool = True) -> Bundle:
     """Read, validate and verify a bundle folder; nothing in it is loaded or run before this
-    returns. UserError (one line) for anything wrong."""
+    returns. UserError (one line) for anything wrong. ``read_artifacts=False`` leaves out
+    ``check_artifacts``, for a caller that may refuse the bundle's kind anyway and then runs it."""
     given = Path(path)
     label = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."  # the user's own argument, cut
     try:
@@ -569,7 +570,8 @@ def open_bundle(path: Any) -> Bundle:
     manifest = validate_manifest(load_json_file(manifest_path, source), source)
     try:
         verify_files(root, manifest, f"bundle {label}")
-        check_artifacts(root, manifest, f"bundle {label}")
+        if read_artifacts:
+            check_artifacts(root, manifest, f"bundle {label}")
     except OSError as e:
         raise UserError(f"bundle {label}: cannot read its files ({e.strerror or type(e).__name__})") from None
     return Bundle(root=root, manifest=manifest)

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Uni
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from .bundle import Bundle, open_bundle
+from .bundle import Bundle, check_artifacts, open_bundle
 from .cli_common import check_int
 from .errors import UserError, brief
 from .metrics import softmax
@@ -115,7 +115,12 @@ def load(bundle: Union[str, "os.PathLike[str]", Bundle], threads: Optional[int] 
     check_int("threads", threads, 1, 1024)
     if not isinstance(isolate, bool):
         raise UserError(f"isolate {brief(isolate)}: expected True or False")
-    opened = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+    # a Core ML bundle off macOS is refused before its package is read (that needs coremltools)
+    opened = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, read_artifacts=False)
+    if opened.kind == "mlpackage":
+        _refuse_coreml_off_macos(opened)
+    if not isinstance(bundle, Bundle):  # an opened Bundle had its artifacts read by open_bundle
+        check_artifacts(opened.root, opened.manifest, f"bundle {opened.name}")
     if opened.kind == "mlpackage":
         return Model(opened, _coreml_runner(opened, threads))
     if isolate:
@@ -125,14 +130,17 @@ def load(bundle: Union[str, "os.PathLike[str]", Bundle], threads: Optional[int] 
     return Model(opened, opened.runner(threads=threads))
 
 
-def _coreml_runner(bundle: Bundle, threads: Optional[int]):
-    """Core ML's own prediction, which exists on macOS only. Elsewhere the project has a numpy
-    checker of the ML Program, which is for accuracy work, not an app runtime: say so."""
+def _refuse_coreml_off_macos(bundle: Bundle) -> None:
+    """Core ML's own prediction exists on macOS only. Elsewhere the project has a numpy checker of
+    the ML Program, which is for accuracy work, not an app runtime: say so."""
     if platform.system() != "Darwin":
         raise UserError(
             f"bundle {bundle.name}: Core ML predicts on macOS only; for accuracy work elsewhere use the numpy "
             "ML Program checker (python -m crossvit_edge.profile BUNDLE --data DIR, or crossvit_edge.converters.coreml.CoreMLRunner(..., backend='checker'))"
         )
+
+
+def _coreml_runner(bundle: Bundle, threads: Optional[int]):
     from crossvit_edge.converters.base import runner_class
 
     return runner_class(bundle.kind)(bundle.root, bundle.manifest, threads=threads, backend="coreml")

@@ -336,3 +336,178 @@ def test_onnx_with_two_outputs_or_a_float16_input(tmp_path, base_bundle):
     rel.write_bytes(model.SerializeToString())
     case.resign()
     case.assert_all_refused("is 'float16', the manifest says float32")
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Corrupt artifacts end in one line, never an abort (ExecuTorch), and Core ML package paths
+
+
+def _converted(tmp_path_factory, checkpoint, target: str, package: str) -> Path:
+    """The micro model converted to ``target`` (fp32), once per module."""
+    pytest.importorskip(package)
+    from crossvit_edge.pipeline import convert
+    from crossvit_edge.spec import BuildSpec
+
+    out = tmp_path_factory.mktemp(target) / "bundle"
+    convert(BuildSpec(target=target, output=out, checkpoint=str(checkpoint)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pte_bundle(tmp_path_factory, micro_checkpoint) -> Path:
+    return _converted(tmp_path_factory, micro_checkpoint, "executorch", "executorch")
+
+
+def _pte_variant(root: Path, source: Path, name: str, edit) -> Path:
+    bundle = root / name
+    shutil.copytree(source, bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    pte = bundle / m["artifact"]["file"]
+    pte.write_bytes(edit(pte.read_bytes()))
+    m["files"][pte.name] = {"sha256": hashlib.sha256(pte.read_bytes()).hexdigest(), "bytes": pte.stat().st_size}
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    return bundle
+
+
+def _aborting_byte(data: bytes) -> int:
+    """An offset inside the XNNPACK delegate's flatbuffer where 0xFF makes ExecuTorch abort the
+    process on load or first run (each candidate tried in a forked child, as a fuzzer would)."""
+    from executorch.runtime import Runtime  # noqa: F401  (imported here once, not in every child)
+
+    from crossvit_edge.isolation import in_child
+
+    header = data.find(b"XH00") - 4  # XNNPACK's blob header: magic at byte 4, then the flatbuffer offset
+    assert header > 0, "no XNNPACK delegate blob in the program"
+    start = header + struct.unpack_from("<I", data, header + 10)[0]
+
+    def load(blob):
+        import torch
+        from executorch.runtime import Runtime
+
+        Runtime.get().load_program(blob).load_method("forward").execute([torch.zeros(1, 3, 240, 240)])
+
+    for offset in range(start + 8, start + 4000, 97):
+        blob = bytearray(data)
+        blob[offset] = 0xFF
+        try:
+            in_child("probe", lambda: load(bytes(blob)))
+        except UserError as e:
+            if "SIGABRT" in str(e) or "SIGSEGV" in str(e):
+                return offset
+    raise AssertionError("no byte of the delegate blob made the runtime abort: the hazard this test guards against is gone?")
+
+
+def test_corrupt_pte_ends_in_one_line(tmp_path, pte_bundle):
+    """A truncated .pte listed with its correct hash (before: a traceback), a corrupted program
+    header, and a delegate blob byte that makes XNNPACK abort the process (before: SIGABRT in
+    classify and in runtime.load, an embedding app dying with it): classify ends in one line, and
+    runtime.load raises UserError in this very process, which survives."""
+    from crossvit_edge.runtime import load
+
+    data = (pte_bundle / json.loads((pte_bundle / "manifest.json").read_text())["artifact"]["file"]).read_bytes()
+    offset = _aborting_byte(data)
+    aborts = _pte_variant(tmp_path, pte_bundle, "aborts", lambda d: d[:offset] + b"\xff" + d[offset + 1:])
+    truncated = _pte_variant(tmp_path, pte_bundle, "truncated", lambda d: d[: len(d) // 2])
+    header = _pte_variant(tmp_path, pte_bundle, "header", lambda d: d[:4] + b"XX12" + d[8:])
+    image = write_png(tmp_path / "x.png")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cases = [(aborts, "killed its process (SIGABRT)"), (truncated, "not a valid program"), (header, "no b'ET' identifier")]
+    procs = [subprocess.Popen([sys.executable, "-m", "crossvit_edge.classify", str(b), str(image)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path) for b, _ in cases]
+    for (bundle, expect), p in zip(cases, procs):
+        out, err = p.communicate(timeout=600)
+        _one_line(subprocess.CompletedProcess(p.args, p.returncode, out, err), expect)
+    with pytest.raises(UserError, match=r"killed its process \(SIGABRT\)"):
+        load(aborts)
+    with pytest.raises(UserError, match="not a valid program"):
+        load(truncated, isolate=False)  # in-process too: the runtime's error is a UserError
+    with load(pte_bundle) as model:  # the control: the untouched bundle loads (isolated) and runs
+        assert len(model.classify([image])[0]) == 1
+
+
+def test_pte_signature_against_the_manifest(tmp_path, pte_bundle):
+    """ExecuTorch's method metadata (no tensor names in a .pte: shapes and dtypes) against a
+    manifest that says 224 px, or 5 classes."""
+    from crossvit_edge.bundle import open_bundle
+
+    for name, mutate, expect in [("224", _as_224, "the manifest says [1, 3, 224, 224]"),
+                                 ("five", _five_classes, "its number of classes differs")]:
+        bundle = tmp_path / name
+        shutil.copytree(pte_bundle, bundle)
+        m = json.loads((bundle / "manifest.json").read_text())
+        mutate(m)
+        (bundle / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(UserError, match=expect.replace("[", r"\[").replace("(", r"\(")):
+            open_bundle(bundle).runner()
+
+
+@pytest.fixture(scope="module")
+def coreml_bundle(tmp_path_factory, micro_checkpoint) -> Path:
+    return _converted(tmp_path_factory, micro_checkpoint, "coreml", "coremltools")
+
+
+def _resign(bundle: Path) -> None:
+    from crossvit_edge.bundle import file_hashes
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["files"] = {rel: {"sha256": d, "bytes": (bundle / rel).stat().st_size} for rel, d in file_hashes(bundle).items()}
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
+def test_coreml_package_paths_stay_inside(tmp_path, coreml_bundle):
+    """Manifest.json naming the spec by '../..' or an absolute path (a good spec waits there),
+    weight references '@model_path/../../../outside/weight.bin' or absolute: before, the profile
+    ran a model read from outside. Refused at open, and by the checker itself."""
+    from crossvit_edge.bundle import open_bundle
+    from crossvit_edge.converters.coreml_mil import MILCheckerError, MILProgram, blob_file_names, blob_file_values, read_model_spec
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    rel = json.loads((coreml_bundle / "manifest.json").read_text())["artifact"]["file"]
+    shutil.copytree(coreml_bundle / rel / "Data", outside / "Data")
+    open_bundle(coreml_bundle)  # the control
+
+    def variant(name: str) -> Path:
+        bundle = tmp_path / name
+        shutil.copytree(coreml_bundle, bundle)
+        return bundle
+
+    for name, path in [("dotdot", "../../../outside/Data/com.apple.CoreML/model.mlmodel"),
+                       ("absolute", str(outside / "Data/com.apple.CoreML/model.mlmodel"))]:
+        bundle = variant(name)
+        manifest_json = bundle / rel / "Manifest.json"
+        info = json.loads(manifest_json.read_text())
+        info["itemInfoEntries"][info["rootModelIdentifier"]]["path"] = path
+        manifest_json.write_text(json.dumps(info))
+        _resign(bundle)
+        with pytest.raises(UserError, match="not a plain relative name|absolute path"):
+            open_bundle(bundle)
+        with pytest.raises(MILCheckerError, match="not a plain relative name|absolute path"):
+            MILProgram.load(bundle / rel)
+
+    for name, weight in [("weights-dotdot", "@model_path/../../../../outside/Data/com.apple.CoreML/weights/weight.bin"),
+                         ("weights-absolute", "@model_path/" + str(outside / "Data/com.apple.CoreML/weights/weight.bin"))]:
+        bundle = variant(name)
+        spec, model_dir = read_model_spec(bundle / rel)
+        for value in blob_file_values(spec):
+            value.fileName = weight
+        assert blob_file_names(spec) == [weight]
+        (model_dir / "model.mlmodel").write_bytes(spec.SerializeToString())
+        _resign(bundle)
+        with pytest.raises(UserError, match="not a plain relative name|absolute path"):
+            open_bundle(bundle)
+        with pytest.raises(MILCheckerError, match="not a plain relative name|absolute path"):
+            MILProgram.load(bundle / rel).check_supported()
+            MILProgram.load(bundle / rel).run({"image": np.zeros((1, 3, 240, 240), np.float32)})
+
+
+def test_coreml_signature_against_the_manifest(tmp_path, coreml_bundle):
+    from crossvit_edge.bundle import open_bundle
+
+    bundle = tmp_path / "five"
+    shutil.copytree(coreml_bundle, bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    _five_classes(m)
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match=r"output 'logits' has shape \[1, 10\], the manifest says \[1, 5\]"):
+        open_bundle(bundle)

@@ -518,10 +518,13 @@ class TensorRTRunner(Runner):
             )
         from crossvit_edge.artifact_check import read_listed_file
 
-        if engine_path.resolve().relative_to(self.bundle_dir.resolve()).as_posix() not in manifest["files"]:
-            raise UserError(f"{engine_path.name} is in the bundle but not listed in its manifest's files (an engine from elsewhere is "
-                            f"not loaded unverified): build it here with python -m {PROG} {self.bundle_dir} --build, which lists it")
-        plan = read_listed_file(self.bundle_dir, manifest, engine_path, engine_path.name)  # the verified bytes, once
+        if "files" in manifest:  # a bundle (the pipeline checks the engine it has just built before any manifest exists)
+            if engine_path.resolve().relative_to(self.bundle_dir.resolve()).as_posix() not in manifest["files"]:
+                raise UserError(f"{engine_path.name} is in the bundle but not listed in its manifest's files (an engine from elsewhere is "
+                                f"not loaded unverified): build it here with python -m {PROG} {self.bundle_dir} --build, which lists it")
+            plan = read_listed_file(self.bundle_dir, manifest, engine_path, engine_path.name)  # the verified bytes, once
+        else:
+            plan = engine_path.read_bytes()
         trt = _import_trt()
         self.trt = trt
         self.engine_path = engine_path
