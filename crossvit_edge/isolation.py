@@ -16,7 +16,11 @@ Linux only: ``fork`` without ``exec`` is unsafe with Apple's frameworks (Core ML
 Windows; elsewhere the load runs in the caller's process (docs/security.md says so). Runtimes in
 the child are fork-safe as used here: ExecuTorch's and PyTorch's thread pools leak and recreate
 themselves after a fork, ONNX Runtime's belong to the session the child creates; the TensorRT
-device runner forks before it touches CUDA.
+device runner forks before it touches CUDA. What the child runs must not include torch's
+OpenMP-parallel operators: once the parent has used OpenMP (``profile`` runs its PyTorch
+reference first), libgomp hangs in a forked child (measured: ``torch.zeros(1, 3, 240, 240)`` never
+returns there). The runners' load and run paths use none (``torch.from_numpy``, ExecuTorch's own
+thread pool); a hang would end in the time-limit error, not a hung command.
 """
 from __future__ import annotations
 
@@ -80,6 +84,9 @@ def _child(read_end: int, write_end: int, fn: Callable[[], Any]) -> None:
     try:
         os.close(read_end)
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent handles Ctrl-C and kills us
+        import faulthandler
+
+        faulthandler.disable()  # a runtime's abort is reported by the parent, in one line, not as a thread dump
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
