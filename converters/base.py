@@ -9,6 +9,9 @@ drives every converter the same way:
     runner = runner_class(artifact.kind)(bundle_dir, manifest)  # loads what was written, as an app would
     logits = runner.run(images)              # (B, 3, H, W) float32 -> (B, classes) float32
 
+and ``open_bundle`` calls ``runner_class(kind).check_artifact(root, manifest, file, source)`` on a
+bundle from elsewhere before any runner exists (what the artifact refers to, its signature).
+
 and the profiling harness only ever sees ``Runner``: it never branches on the target.
 """
 from __future__ import annotations
@@ -85,6 +88,8 @@ class Runner(ABC):
     """Executes one bundle's artifact on a batch of preprocessed images."""
 
     target: ClassVar[str]
+    # native code parses the artifact: the CLIs load it in a child process first (crossvit_edge.isolation)
+    isolate_first_load: ClassVar[bool] = True
 
     def __init__(self, bundle_dir: Path, manifest: Dict[str, Any], artifact: Optional[str] = None, threads: Optional[int] = None):
         from crossvit_edge.bundle import resolve_in_bundle
@@ -98,6 +103,14 @@ class Runner(ABC):
                                                "artifact.file" if chosen == primary else "artifact.stand_in.file")
         self.threads = threads
         self.batch_size: int = int(manifest["input"]["shape"][0])
+
+    @classmethod
+    @abstractmethod
+    def check_artifact(cls, root: Path, manifest: Dict[str, Any], rel: str, source: str) -> None:
+        """Read the artifact ``rel`` of a verified bundle as data, never through its runtime, before
+        any runner is built (``crossvit_edge.bundle.open_bundle`` calls it): every file it makes its
+        runtime open is listed in the manifest and inside the bundle, and its own input and output
+        are the manifest's (``crossvit_edge.artifact_check``). UserError (one line) otherwise."""
 
     @property
     def description(self) -> str:

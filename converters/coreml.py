@@ -593,6 +593,9 @@ class CoreMLRunner(Runner):
     rounded to fp16 after every op). ``backend`` forces one ("coreml" or "checker")."""
 
     target = "coreml"
+    # off macOS the numpy checker runs no native code on the package; Core ML itself runs on macOS,
+    # where a fork without exec is unsafe (crossvit_edge.isolation is Linux only)
+    isolate_first_load = False
 
     def __init__(self, bundle_dir, manifest, artifact=None, threads=None, backend: Optional[str] = None):
         super().__init__(bundle_dir, manifest, artifact, threads)
@@ -612,6 +615,12 @@ class CoreMLRunner(Runner):
             self.program.check_supported()
         else:
             raise UserError(f"unknown Core ML runner backend {backend!r}; use 'coreml' (macOS) or 'checker'")
+
+    @classmethod
+    def check_artifact(cls, root, manifest, rel, source) -> None:
+        from .coreml_mil import check_package
+
+        check_package(root, manifest, rel, source)
 
     @property
     def timing_meaningful(self) -> bool:

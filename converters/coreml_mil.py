@@ -209,30 +209,149 @@ def _decode_value(value, blobs: Callable[[str], BlobFile]) -> Any:
     return arr.reshape(shape)
 
 
-def find_model_spec(package: Path) -> Path:
-    """Path of the spec (``model.mlmodel``) inside an ``.mlpackage``, via its ``Manifest.json``."""
-    package = Path(package)
-    manifest = package / "Manifest.json"
-    if not manifest.is_file():
+def _package_manifest(package: Path) -> Dict[str, Any]:
+    """``Manifest.json`` of an ``.mlpackage``, read with the bounds of any untrusted JSON."""
+    from crossvit_edge.bundle import load_json_file
+
+    manifest = Path(package) / "Manifest.json"
+    if manifest.is_symlink() or not manifest.is_file():
         raise MILCheckerError(f"not an .mlpackage (no Manifest.json): {package}")
+    info = load_json_file(manifest, f"{Path(package).name}/Manifest.json")
+    entries = info.get("itemInfoEntries") if isinstance(info, dict) else None
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+        raise MILCheckerError(f"{Path(package).name}/Manifest.json: unreadable package manifest (no itemInfoEntries)")
+    return info
+
+
+def _inside_package(package: Path, base: Path, rel: Any, what: str) -> Path:
+    """``base / rel`` for a name the package itself holds: a plain relative name (no '..', not
+    absolute), no symlink on the way, inside the package folder."""
+    from crossvit_edge.artifact_check import contained_path
+
     try:
-        info = json.loads(manifest.read_text())
-        root = info["rootModelIdentifier"]
-        rel = info["itemInfoEntries"][root]["path"]
-    except (ValueError, KeyError) as e:
-        raise MILCheckerError(f"{manifest}: unreadable package manifest ({e})") from None
-    path = package / "Data" / rel
+        return contained_path(package, base, rel, what)
+    except UserError as e:
+        raise MILCheckerError(f"{Path(package).name}: {e}") from None
+
+
+def find_model_spec(package: Path) -> Path:
+    """Path of the spec (``model.mlmodel``) inside an ``.mlpackage``, via its ``Manifest.json``: a
+    plain relative name under the package's ``Data`` folder (never ``..``, absolute or a symlink)."""
+    package = Path(package).resolve()
+    info = _package_manifest(package)
+    root = info.get("rootModelIdentifier")
+    entry = info["itemInfoEntries"].get(root) if isinstance(root, str) else None
+    if entry is None:
+        raise MILCheckerError(f"{package.name}/Manifest.json: rootModelIdentifier names no entry of itemInfoEntries")
+    path = _inside_package(package, package / "Data", entry.get("path"), "the model spec named by Manifest.json")
     if not path.is_file():
-        raise MILCheckerError(f"{package}: the model spec {rel} named by Manifest.json is missing")
+        raise MILCheckerError(f"{package}: the model spec {entry.get('path')} named by Manifest.json is missing")
     return path
+
+
+def read_model_spec(package: Path):
+    """The package's model spec (``Model_pb2.Model``) and its folder (what ``@model_path`` means)."""
+    _, Model_pb2 = _proto()
+    path = find_model_spec(Path(package))
+    spec = Model_pb2.Model()
+    try:
+        spec.ParseFromString(path.read_bytes())
+    except Exception as e:  # protobuf's DecodeError
+        raise MILCheckerError(f"{path}: not a Core ML model spec ({e})") from None
+    return spec, path.parent
+
+
+def weight_file(package: Path, model_dir: Path, file_name: Any, source: str) -> Path:
+    """The file a ``BlobFileValue`` names (``@model_path/<plain relative name>``), inside the package."""
+    prefix = "@model_path/"
+    if not isinstance(file_name, str) or not file_name.startswith(prefix):
+        raise MILCheckerError(f"{source}: weight file {file_name!r} is not relative to @model_path")
+    return _inside_package(package, model_dir, file_name[len(prefix):], f"weight file {file_name[:200]!r}")
+
+
+def blob_file_names(message) -> List[str]:
+    """Every weight file name a spec references (``blob_file_values``), sorted, once each."""
+    return sorted({v.fileName for v in blob_file_values(message)})
+
+
+def blob_file_values(message) -> List[Any]:
+    """Every ``BlobFileValue`` anywhere in a spec (functions, blocks, nested blocks, attributes,
+    inputs), found by walking the protobuf rather than by knowing where they sit."""
+    MIL_pb2, _ = _proto()
+    values, stack = [], [message]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, MIL_pb2.Value.BlobFileValue):
+            values.append(m)
+            continue
+        for field, value in m.ListFields():
+            if field.type != field.TYPE_MESSAGE:
+                continue
+            if field.message_type.GetOptions().map_entry:  # a map<string, Message>
+                stack.extend(v for v in value.values() if hasattr(v, "ListFields"))
+            elif hasattr(value, "ListFields"):  # one message
+                stack.append(value)
+            else:  # a repeated message field
+                stack.extend(value)
+    return values
+
+
+_ARRAY_DTYPES = {65568: "float32", 65552: "float16", 65600: "float64", 131104: "int32", 131080: "int8"}
+
+
+def spec_signature(spec) -> Tuple[List[Any], List[Any]]:
+    """The model description's inputs and outputs as ``TensorSignature``: multi-arrays by shape
+    and data type; an RGB image input as the [1, 3, height, width] float32 tensor it replaces."""
+    from crossvit_edge.artifact_check import TensorSignature
+
+    def one(feature):
+        kind = feature.type.WhichOneof("Type")
+        if kind == "multiArrayType":
+            t = feature.type.multiArrayType
+            return TensorSignature(feature.name, tuple(int(d) for d in t.shape), _ARRAY_DTYPES.get(t.dataType, f"Core ML type {t.dataType}"))
+        if kind == "imageType":
+            t = feature.type.imageType
+            rgb = t.colorSpace == t.RGB
+            return TensorSignature(feature.name, (1, 3, int(t.height), int(t.width)), "float32" if rgb else "a non-RGB image")
+        return TensorSignature(feature.name, (), f"a {kind or 'untyped'} feature")
+
+    return [one(f) for f in spec.description.input], [one(f) for f in spec.description.output]
+
+
+def check_package(root: Path, manifest: Dict[str, Any], rel: str, source: str) -> None:
+    """An ``.mlpackage`` of a verified bundle: every path its ``Manifest.json`` names and every
+    weight file its spec references stay inside the package and are listed (verified) files or
+    folders; the model description is the manifest's signature (an image input counts as the
+    [1, 3, size, size] tensor it replaces, the model then takes one image per prediction)."""
+    from crossvit_edge.artifact_check import check_referenced_file, check_signature
+
+    root = Path(root).resolve()
+    package = root / rel
+    where = f"{source}: {rel}"
+    try:
+        for key, entry in sorted(_package_manifest(package)["itemInfoEntries"].items()):
+            path = _inside_package(package, package / "Data", entry.get("path"), f"Manifest.json entry {key[:60]!r}")
+            if not path.is_dir():
+                check_referenced_file(root, package / "Data", entry["path"], manifest, where, f"Manifest.json entry {key[:60]!r}")
+        spec, model_dir = read_model_spec(package)
+        for name in blob_file_names(spec):
+            weight_file(package, model_dir, name, where)  # @model_path/<plain name>, inside the package
+            check_referenced_file(root, model_dir, name[len("@model_path/"):], manifest, where, f"weight file {name[:200]!r}")
+    except MILCheckerError as e:
+        raise UserError(f"{source}: {e}") from None
+    inputs, outputs = spec_signature(spec)
+    if manifest.get("coreml", {}).get("image_input") and len(inputs) == 1 and inputs[0].shape[:1] == (1,):
+        inputs = [type(inputs[0])(inputs[0].name, (manifest["input"]["shape"][0],) + inputs[0].shape[1:], inputs[0].dtype)]
+    check_signature(inputs, outputs, manifest, where)
 
 
 class MILProgram:
     """The ``main`` function of a saved ML Program, ready to run with numpy."""
 
-    def __init__(self, spec, model_dir: Path, source: str = "<spec>"):
+    def __init__(self, spec, model_dir: Path, source: str = "<spec>", package: Optional[Path] = None):
         self.spec = spec
         self.model_dir = Path(model_dir)
+        self.package = Path(package).resolve() if package is not None else self.model_dir.resolve()  # weights stay inside it
         self.source = source
         if spec.WhichOneof("Type") != "mlProgram":
             raise MILCheckerError(f"{source}: not an ML Program (model type {spec.WhichOneof('Type')})")
@@ -255,21 +374,12 @@ class MILProgram:
 
     @classmethod
     def load(cls, package) -> "MILProgram":
-        _, Model_pb2 = _proto()
-        path = find_model_spec(Path(package))
-        spec = Model_pb2.Model()
-        try:
-            spec.ParseFromString(path.read_bytes())
-        except Exception as e:  # protobuf's DecodeError
-            raise MILCheckerError(f"{path}: not a Core ML model spec ({e})") from None
-        return cls(spec, path.parent, str(package))
+        spec, model_dir = read_model_spec(Path(package))
+        return cls(spec, model_dir, str(package), package=Path(package))
 
     def _blob(self, file_name: str) -> BlobFile:
         if file_name not in self._blob_files:
-            prefix = "@model_path/"
-            if not file_name.startswith(prefix):
-                raise MILCheckerError(f"{self.source}: weight file {file_name!r} is not relative to @model_path")
-            path = self.model_dir / file_name[len(prefix):]
+            path = weight_file(self.package, self.model_dir, file_name, self.source)
             if not path.is_file():
                 raise MILCheckerError(f"{self.source}: weight file {file_name} is missing from the package")
             self._blob_files[file_name] = BlobFile(path)

@@ -39,7 +39,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from crossvit_edge.errors import UserError
+from crossvit_edge.errors import UserError, brief
 
 from .base import Artifact, Converter, Runner
 
@@ -469,17 +469,34 @@ def _test_inputs(ctx, n: int) -> List[np.ndarray]:
 
 
 class ExecuTorchRunner(Runner):
-    """ExecuTorch's Python runtime (the same C++ runtime an app links) on this host's CPU."""
+    """ExecuTorch's Python runtime (the same C++ runtime an app links) on this host's CPU.
+
+    The program is loaded from the bytes this runner read and hashed itself (the file cannot change
+    between the check and the load), with ``Verification.InternalConsistency`` (the flatbuffer's
+    offsets and indices checked before use); its ``forward`` signature (method metadata, read
+    before the method and its delegates are initialised) must be the manifest's. A delegate's blob
+    is opaque to that verification: ``crossvit_edge.isolation`` loads it in a child process first."""
 
     target = "executorch"
+
+    @classmethod
+    def check_artifact(cls, root, manifest, rel, source) -> None:
+        # A .pte names no other file (this runner passes no .ptd data file); what can be read
+        # without the runtime is its flatbuffer file identifier. The rest is the runtime's
+        # verification and the signature check at load.
+        from crossvit_edge.artifact_check import check_file_identifier
+
+        check_file_identifier(Path(root) / rel, 4, PTE_IDENTIFIER, f"{source}: {rel}", "an ExecuTorch program (.pte)")
 
     def __init__(self, bundle_dir, manifest, artifact=None, threads=None):
         super().__init__(bundle_dir, manifest, artifact, threads)
         try:
             import torch
-            from executorch.runtime import Runtime
+            from executorch.runtime import Runtime, Verification
         except ImportError:
             raise UserError("running .pte files needs the executorch package (pip install 'crossvit-edge[executorch]')") from None
+        from crossvit_edge.artifact_check import read_listed_file
+
         self._torch = torch
         if threads:
             # The runtime's thread pool (XNNPACK's workers) is process-wide and sized to the cores at
@@ -489,8 +506,21 @@ class ExecuTorchRunner(Runner):
 
             if _threadpool_get_thread_count() != threads:
                 _unsafe_reset_threadpool(threads)
-        self._program = Runtime.get().load_program(str(self.artifact_path))
-        self._method = self._program.load_method("forward")
+        where = f"bundle {self.bundle_dir.name}: {self.artifact_path.name}"
+        # a bundle's manifest lists the file: the bytes loaded are the bytes verified; the pipeline's
+        # check of the program it has just written runs before the manifest (and its files) exists
+        data = read_listed_file(self.bundle_dir, manifest, self.artifact_path, where) if "files" in manifest else self.artifact_path.read_bytes()
+        try:
+            self._program = Runtime.get().load_program(data, verification=Verification.InternalConsistency)
+        except (RuntimeError, ValueError) as e:  # the runtime's error for a program that fails verification
+            raise UserError(f"{where}: ExecuTorch cannot load it: not a valid program ({brief(str(e), 120)})") from None
+        if "forward" not in self._program.method_names:
+            raise UserError(f"{where}: the program has no 'forward' method (it has {brief(sorted(self._program.method_names))})")
+        check_method_signature(self._program.metadata("forward"), manifest, where)
+        try:
+            self._method = self._program.load_method("forward")
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"{where}: ExecuTorch cannot load its forward method ({brief(str(e), 120)})") from None
 
     @property
     def description(self) -> str:
@@ -501,3 +531,23 @@ class ExecuTorchRunner(Runner):
     def run(self, images: np.ndarray) -> np.ndarray:
         out = self._method.execute([self._torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))])
         return out[0].detach().numpy().astype(np.float32)
+
+
+PTE_IDENTIFIER = b"ET"  # bytes 4-6 of a .pte: the flatbuffer file identifier "ET" + schema version digits
+_SCALAR_TYPES = {6: "float32", 5: "float16", 7: "float64", 0: "uint8", 1: "int8", 3: "int32", 4: "int64", 15: "bfloat16"}
+
+
+def check_method_signature(meta, manifest, where: str) -> None:
+    """``forward``'s inputs and outputs (ExecuTorch's MethodMeta: sizes and ScalarType, no names)
+    against the manifest's ``input`` and ``output``."""
+    from crossvit_edge.artifact_check import TensorSignature, check_signature
+
+    def tensors(count, info, want):
+        out = []
+        for i in range(count):
+            t = info(i)
+            out.append(TensorSignature(want["name"], tuple(t.sizes()), _SCALAR_TYPES.get(t.dtype(), f"ScalarType {t.dtype()}")))
+        return out
+
+    check_signature(tensors(meta.num_inputs(), meta.input_tensor_meta, manifest["input"]),
+                    tensors(meta.num_outputs(), meta.output_tensor_meta, manifest["output"]), manifest, where)

@@ -551,6 +551,12 @@ class OnnxRuntimeRunner(Runner):
         self._version = ort.__version__
         self.exact = exact
 
+    @classmethod
+    def check_artifact(cls, root, manifest, rel, source) -> None:
+        from crossvit_edge.artifact_check import check_onnx
+
+        check_onnx(root, manifest, rel, source)
+
     @property
     def description(self) -> str:
         mode = "no graph optimisation" if self.exact else "all graph optimisations"

@@ -9,7 +9,8 @@ A bundle is untrusted input (downloaded, copied between machines): ``open_bundle
 in. It reads the manifest with size and depth bounds, validates it against the one schema
 (``validate_manifest``: types, required keys, ranges; one-line errors naming the key), checks every
 path it names (``resolve_in_bundle``: a plain relative name that stays inside the bundle, symlinks
-included) and verifies the size and sha256 of every listed file before anything is loaded. Nothing
+included) and verifies the size and sha256 of every listed file before anything is loaded; then
+each artifact is read as data (``check_artifacts``: the files it refers to, its signature). Nothing
 in a manifest chooses code: the artifact ``kind`` is a key of the fixed table ``crossvit_edge.converters.RUNNERS``.
 """
 from __future__ import annotations
@@ -550,9 +551,10 @@ class Bundle:
         return runner_class(self.kind)(self.root, self.manifest, threads=threads)
 
 
-def open_bundle(path: Any) -> Bundle:
+def open_bundle(path: Any, read_artifacts: bool = True) -> Bundle:
     """Read, validate and verify a bundle folder; nothing in it is loaded or run before this
-    returns. UserError (one line) for anything wrong."""
+    returns. UserError (one line) for anything wrong. ``read_artifacts=False`` leaves out
+    ``check_artifacts``, for a caller that may refuse the bundle's kind anyway and then runs it."""
     given = Path(path)
     label = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."  # the user's own argument, cut
     try:
@@ -568,9 +570,22 @@ def open_bundle(path: Any) -> Bundle:
     manifest = validate_manifest(load_json_file(manifest_path, source), source)
     try:
         verify_files(root, manifest, f"bundle {label}")
+        if read_artifacts:
+            check_artifacts(root, manifest, f"bundle {label}")
     except OSError as e:
         raise UserError(f"bundle {label}: cannot read its files ({e.strerror or type(e).__name__})") from None
     return Bundle(root=root, manifest=manifest)
+
+
+def check_artifacts(root: Path, manifest: Dict[str, Any], source: str) -> None:
+    """The artifact and its stand-in read as data by their Runner's ``check_artifact`` (from the
+    fixed registry): what they refer to is listed and inside the bundle, their signature is the
+    manifest's. Runs after ``verify_files``, before any runtime is handed a file."""
+    from crossvit_edge.converters.base import runner_class
+
+    art = manifest["artifact"]
+    for entry in [art] + ([art["stand_in"]] if art.get("stand_in") else []):
+        runner_class(entry["kind"]).check_artifact(root, manifest, entry["file"], source)
 
 
 def read_manifest(bundle_dir: Path) -> Dict[str, Any]:

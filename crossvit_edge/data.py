@@ -2,8 +2,10 @@
 
 Torch-free. Files are listed in sorted order, sampled deterministically (class-balanced when there
 are labels), decoded and preprocessed lazily; files that are not decodable images are skipped and
-reported in one warning. The hash of an image set (paths relative to the root + bytes) goes into
-manifests so a calibration can be tied to the exact images it saw.
+reported in one warning; a file over the byte or pixel limits, or whose content is a format outside
+the decoder allowlist (``preprocess.IMAGE_FORMATS``), is refused. The hash of an image set (paths
+relative to the root + bytes) goes into manifests so a calibration can be tied to the exact images
+it saw.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from . import safe_io
 from .errors import UserError, brief
-from .preprocess import Preprocessing, load_image, open_image
+from .preprocess import MAX_IMAGE_BYTES, Preprocessing, load_image, open_image
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,10 @@ class ImageSet:
         for i, p in enumerate(self.paths):
             h.update(os.fsencode(p.relative_to(self.root)))  # the name's bytes, UTF-8 or not
             h.update(b"\0" + (str(self.labels[i]) if self.labels else "-").encode() + b"\0")
-            h.update(p.read_bytes())
+            # streamed and bounded like every image read: a small PNG with a sparse multi-GiB tail is refused by its size
+            with safe_io.open_regular(p, f"image {brief(p.name, 120)}", max_bytes=MAX_IMAGE_BYTES) as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
         return h.hexdigest()
 
     def subset(self, indices: Sequence[int]) -> "ImageSet":
@@ -134,8 +140,10 @@ def _is_image_file(p: Path) -> bool:
 
 
 def _decodable(p: Path) -> bool:
-    """True for a decodable image; UserError for one over the size limits (refused, not skipped:
-    a decompression bomb in a calibration folder is something to know about)."""
+    """True for a decodable image, False for a corrupt one (skipped); UserError (refused, not
+    skipped) for one over the size limits (a decompression bomb in a calibration folder is
+    something to know about), one that is not a regular file, and one whose content is a format
+    this tool does not decode (``preprocess.IMAGE_FORMATS``: an EPS named x.png)."""
     try:
         with open_image(p) as im:
             im.verify()

@@ -7,15 +7,19 @@ ImageNet mean/std, channels first.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from . import safe_io
 from .errors import UserError, brief
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -26,6 +30,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # short side would be 274 x 548000. Documented in docs/security.md.
 MAX_IMAGE_PIXELS = 64_000_000  # width x height (an 8000 x 8000 image)
 MAX_ASPECT_RATIO = 50  # long side / short side
+MAX_IMAGE_BYTES = 256 << 20  # an image file (64 megapixels of 16-bit RGBA in an uncompressed TIFF is 512 MB: not needed here)
+
+# The decoders used, chosen by content among these only (Pillow's format names). Each is Pillow's
+# own C code or a library linked into it (libpng/zlib, libjpeg, libtiff, libwebp): none calls out
+# of the process. Animated GIF, WebP, APNG and multi-page TIFF: the first frame. PPM covers the
+# Netpbm family (PBM, PGM, PPM). Everything else (EPS, PDF, PSD, ICO, TGA, ...) is refused.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+FORMAT_NAMES = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WebP", "PBM/PGM/PPM")
 
 
 @dataclass(frozen=True)
@@ -109,24 +121,62 @@ def check_image_size(size: Tuple[int, int], name: str) -> None:
         raise UserError(f"image {name}: {w} x {h} pixels, an aspect ratio beyond {MAX_ASPECT_RATIO}:1 that resizing would blow up")
 
 
-def open_image(path: Union[str, Path]) -> Image.Image:
-    """``Image.open`` (header only) with the size limits applied; the caller loads the pixels."""
-    name = brief(Path(path).name, 120)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower, limit applies
-        try:
-            im = Image.open(path)
-        except Image.DecompressionBombError:
-            raise UserError(f"image {name}: more pixels than PIL allows (a decompression bomb); this tool decodes at most {MAX_IMAGE_PIXELS}") from None
-    try:
+@contextmanager
+def open_image(source: Union[str, Path, bytes], name: Optional[str] = None) -> Iterator[Image.Image]:
+    """The image in ``source`` (a path, or an encoded file's bytes), header only, with the limits
+    applied: a regular file of at most ``MAX_IMAGE_BYTES`` (no FIFO or device: ``safe_io``), in one
+    of ``IMAGE_FORMATS`` identified by its content (Pillow's other decoders are never tried: its EPS
+    plugin runs Ghostscript, whatever the file is called), at most ``MAX_IMAGE_PIXELS``. The caller
+    loads the pixels inside the ``with``; the file is closed at its end."""
+    name = name or (brief(Path(source).name, 120) if not isinstance(source, (bytes, bytearray, memoryview)) else "bytes")
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if len(source) > MAX_IMAGE_BYTES:
+                raise UserError(f"image {name}: {len(source)} bytes, more than the {MAX_IMAGE_BYTES} this tool reads")
+            f = io.BytesIO(bytes(source))
+        else:
+            f = stack.enter_context(safe_io.open_regular(source, f"image {name}", max_bytes=MAX_IMAGE_BYTES))
+        head = f.read(32)
+        f.seek(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower, limit applies
+            try:
+                im = Image.open(f, formats=IMAGE_FORMATS)
+            except Image.DecompressionBombError:
+                raise UserError(f"image {name}: more pixels than PIL allows (a decompression bomb); this tool decodes at most {MAX_IMAGE_PIXELS}") from None
+            except UnidentifiedImageError:
+                other = other_format(head)
+                if other is not None:
+                    raise UnsupportedImageFormat(f"image {name}: its content is {other}, which this tool does not decode "
+                                                 f"(it decodes {', '.join(FORMAT_NAMES)}, whatever the file name says)") from None
+                raise
+        stack.callback(im.close)
         check_image_size(im.size, name)
-    except UserError:
-        im.close()
-        raise
-    return im
+        yield im
 
 
-def load_image(path: Union[str, Path]) -> Image.Image:
-    with open_image(path) as im:
+def load_image(source: Union[str, Path, bytes], name: Optional[str] = None) -> Image.Image:
+    """The decoded image (its first frame), under ``open_image``'s limits."""
+    with open_image(source, name) as im:
         im.load()
         return im.copy()
+
+
+class UnsupportedImageFormat(UserError):
+    """An image whose content is a format outside ``IMAGE_FORMATS``: refused, never skipped."""
+
+
+def other_format(head: bytes) -> Optional[str]:
+    """The Pillow format whose signature ``head`` (a file's first bytes) matches, among the formats
+    this tool does not decode; None when none does (not an image at all, or a corrupt one). Only
+    the plugins' signature tests run (byte comparisons), never their decoders."""
+    Image.init()
+    for fmt, (_, accept) in Image.OPEN.items():
+        if fmt in IMAGE_FORMATS or accept is None:
+            continue
+        try:
+            if accept(head):
+                return fmt
+        except Exception:  # a plugin's signature test on a short prefix
+            continue
+    return None

@@ -2,7 +2,7 @@
 
     from crossvit_edge.runtime import load
     model = load("runs/demo/onnx-int8")                      # verifies the bundle, picks its runtime
-    model.classify(["a.png", pil_image, uint8_hwc], top_k=3)  # [[("7", 0.981), ...], ...]
+    model.classify(["a.png", png_bytes, pil_image, uint8_hwc], top_k=3)  # [[("7", 0.981), ...], ...]
     model.preprocess(images)                                 # exactly the manifest's preprocessing
     model.logits(batch)                                      # (n, 3, H, W) float32 -> (n, classes)
 
@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
-from .bundle import Bundle, open_bundle
+from .bundle import Bundle, check_artifacts, open_bundle
 from .cli_common import check_int
 from .errors import UserError, brief
 from .metrics import softmax
 
-ImageLike = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
+ImageLike = Union[str, "os.PathLike[str]", Image.Image, np.ndarray, bytes]
 Prediction = List[Tuple[str, float]]  # (label, probability), most probable first
 
 # numpy arrays an app may pass, by shape: (H, W) grey, (H, W, 3) RGB, (H, W, 4) RGBA
@@ -53,7 +53,7 @@ class Model:
         return self.runner.description
 
     def preprocess(self, images: Union[ImageLike, Iterable[ImageLike]]) -> np.ndarray:
-        """Images (paths, PIL images, uint8 HWC arrays) -> (n, 3, H, W) float32, exactly as the
+        """Images (paths, encoded bytes, PIL images, uint8 HWC arrays) -> (n, 3, H, W) float32, exactly as the
         manifest says (``crossvit_edge.preprocess.Preprocessing``, the one implementation)."""
         items = _as_list(images)
         size = self.preprocessing.input_size
@@ -105,25 +105,42 @@ class Model:
         return f"Model({self.bundle.name!r}, {self.description})"
 
 
-def load(bundle: Union[str, "os.PathLike[str]", Bundle], threads: Optional[int] = None) -> Model:
+def load(bundle: Union[str, "os.PathLike[str]", Bundle], threads: Optional[int] = None, isolate: bool = True) -> Model:
     """Open and verify a bundle folder and start the runtime of its artifact. ``threads``: the
     runtime's CPU threads (ONNX Runtime intra-op threads, ExecuTorch's thread pool); default: the
-    runtime's own choice."""
+    runtime's own choice. ``isolate``: load the artifact and run one batch in a child process
+    first (Linux; ``crossvit_edge.isolation``), so that a runtime that aborts on a corrupt or
+    hostile artifact ends in a UserError instead of taking this process down; once per artifact
+    and process. ``isolate=False`` skips it (for bundles you built yourself)."""
     check_int("threads", threads, 1, 1024)
-    opened = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+    if not isinstance(isolate, bool):
+        raise UserError(f"isolate {brief(isolate)}: expected True or False")
+    # a Core ML bundle off macOS is refused before its package is read (that needs coremltools)
+    opened = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, read_artifacts=False)
+    if opened.kind == "mlpackage":
+        _refuse_coreml_off_macos(opened)
+    if not isinstance(bundle, Bundle):  # an opened Bundle had its artifacts read by open_bundle
+        check_artifacts(opened.root, opened.manifest, f"bundle {opened.name}")
     if opened.kind == "mlpackage":
         return Model(opened, _coreml_runner(opened, threads))
+    if isolate:
+        from .isolation import probe_runner
+
+        probe_runner(opened, threads=threads)
     return Model(opened, opened.runner(threads=threads))
 
 
-def _coreml_runner(bundle: Bundle, threads: Optional[int]):
-    """Core ML's own prediction, which exists on macOS only. Elsewhere the project has a numpy
-    checker of the ML Program, which is for accuracy work, not an app runtime: say so."""
+def _refuse_coreml_off_macos(bundle: Bundle) -> None:
+    """Core ML's own prediction exists on macOS only. Elsewhere the project has a numpy checker of
+    the ML Program, which is for accuracy work, not an app runtime: say so."""
     if platform.system() != "Darwin":
         raise UserError(
             f"bundle {bundle.name}: Core ML predicts on macOS only; for accuracy work elsewhere use the numpy "
             "ML Program checker (python -m crossvit_edge.profile BUNDLE --data DIR, or crossvit_edge.converters.coreml.CoreMLRunner(..., backend='checker'))"
         )
+
+
+def _coreml_runner(bundle: Bundle, threads: Optional[int]):
     from crossvit_edge.converters.base import runner_class
 
     return runner_class(bundle.kind)(bundle.root, bundle.manifest, threads=threads, backend="coreml")
@@ -131,7 +148,7 @@ def _coreml_runner(bundle: Bundle, threads: Optional[int]):
 
 def _as_list(images: Union[ImageLike, Iterable[ImageLike]]) -> List[ImageLike]:
     """One image or a sequence of them (a 4-d uint8 array is a stack of HWC images)."""
-    if isinstance(images, (str, os.PathLike, Image.Image)):
+    if isinstance(images, (str, os.PathLike, Image.Image, bytes, bytearray, memoryview)):
         return [images]
     if isinstance(images, np.ndarray):
         return list(images) if images.ndim == 4 else [images]
@@ -142,15 +159,29 @@ def _as_list(images: Union[ImageLike, Iterable[ImageLike]]) -> List[ImageLike]:
 
 
 def _as_pil(image: ImageLike) -> Image.Image:
+    from .preprocess import FORMAT_NAMES, IMAGE_FORMATS, check_image_size
+
     if isinstance(image, Image.Image):
+        # A PIL image opened but not yet decoded (Image.open is lazy) would be decoded here by
+        # whatever plugin opened it: only the allowlist's (the EPS plugin runs Ghostscript). Images
+        # already decoded, or made in memory, are the app's own pixels.
+        if isinstance(image, ImageFile.ImageFile) and image.tile and image.format not in IMAGE_FORMATS:
+            raise UserError(f"PIL image in format {brief(image.format)} not yet decoded: this tool decodes only {', '.join(FORMAT_NAMES)} "
+                            "(decode it yourself, or pass the file's path or bytes)")
+        check_image_size(image.size, "PIL image")
         return image
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        from .preprocess import load_image
+
+        try:
+            return load_image(image, "bytes")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise UserError(f"image bytes: not a readable image ({brief(str(e), 120)})") from None
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
             raise UserError(f"image array of shape {image.shape} and dtype {image.dtype}: expected uint8 (H, W), (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA")
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]
-        from .preprocess import check_image_size
-
         check_image_size((image.shape[1], image.shape[0]), "array")
         return Image.fromarray(np.ascontiguousarray(image), _ARRAY_MODES[image.ndim if image.ndim == 2 else image.shape[2]])
     if isinstance(image, (str, os.PathLike)):
@@ -163,7 +194,7 @@ def _as_pil(image: ImageLike) -> Image.Image:
             raise UserError(f"image {brief(str(path), 200)}: no such file") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise UserError(f"image {brief(str(path), 200)}: not a readable image ({brief(str(e), 120)})") from None
-    raise UserError(f"expected an image (a path, a PIL image or a uint8 array), got {type(image).__name__}")
+    raise UserError(f"expected an image (a path, an encoded file's bytes, a PIL image or a uint8 array), got {type(image).__name__}")
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -169,3 +169,20 @@ def row_cosine(a, b) -> np.ndarray:
     """Per-image cosine similarity of two logit batches (in float64)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def tiny_onnx(batch: int = 1, size: int = 240, classes: int = 10, input_name: str = "image", output_name: str = "logits"):
+    """A small runnable ONNX model with the bundle signature (float32 [batch, 3, size, size] ->
+    [batch, classes]): the channel means times a fixed matrix. For bundle tests that need a real
+    artifact without a conversion."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.linspace(-1, 1, 3 * classes, dtype=np.float32).reshape(3, classes), "w")
+    nodes = [helper.make_node("ReduceMean", [input_name], ["m"], axes=[2, 3], keepdims=0), helper.make_node("MatMul", ["m", "w"], [output_name])]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, 3, size, size])],
+                              [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [batch, classes])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

@@ -11,7 +11,7 @@ from crossvit_edge.device_profiles import list_profiles, load_profile
 from crossvit_edge.errors import UserError
 from crossvit_edge.metrics import compare_logits, latency_summary
 
-from .conftest import run_cli
+from .conftest import run_cli, tiny_onnx
 
 
 def test_every_shipped_profile_loads():
@@ -50,16 +50,17 @@ def test_staged_bundle_is_atomic_and_hashed(tmp_path):
             (stage / "model.bin").write_bytes(b"half")
             raise RuntimeError("conversion failed")
     assert not out.exists() and not list(tmp_path.iterdir())
+    model = tiny_onnx().SerializeToString()  # a real artifact: open_bundle reads its signature
     with staged_bundle(out) as stage:
-        (stage / "model.bin").write_bytes(b"weights")
+        (stage / "model.bin").write_bytes(model)
         write_manifest(stage, minimal_manifest("model.bin"))
     m = read_manifest(out)
-    assert m["files"]["model.bin"]["bytes"] == 7
-    (out / "model.bin").write_bytes(b"weightZ")  # same size: caught by the hash
+    assert m["files"]["model.bin"]["bytes"] == len(model)
+    (out / "model.bin").write_bytes(model[:-1] + bytes([model[-1] ^ 1]))  # same size: caught by the hash
     with pytest.raises(UserError, match="does not match its sha256"):
         read_manifest(out)
-    (out / "model.bin").write_bytes(b"tampered")
-    with pytest.raises(UserError, match="8 bytes, the manifest says 7"):
+    (out / "model.bin").write_bytes(model + b"x")
+    with pytest.raises(UserError, match=f"{len(model) + 1} bytes, the manifest says {len(model)}"):
         read_manifest(out)
     with pytest.raises(UserError, match="exists and is not empty"):
         with staged_bundle(out) as stage:

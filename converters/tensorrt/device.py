@@ -259,7 +259,10 @@ def build_engine(onnx_path, options: Dict[str, Any]) -> Tuple[bytes, str, Dict[s
         config.DLA_core = core  # IBuilderConfig.DLA_core: all
 
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # all; the inspector's per-layer detail needs it
-    previous = timing_path.read_bytes() if timing_path and timing_path.is_file() else b""
+    # a timing cache is reused only when the manifest lists it (build_bundle_engine says so): one
+    # that came unlisted with a bundle is never handed to TensorRT (the build replaces it)
+    reuse = options.get("reuse_timing_cache", True)
+    previous = timing_path.read_bytes() if reuse and timing_path and timing_path.is_file() else b""
     timing_cache = config.create_timing_cache(previous)  # create_timing_cache(serialized_timing_cache): all
     config.set_timing_cache(timing_cache, False)  # set_timing_cache(cache, ignore_mismatch): all
 
@@ -486,6 +489,22 @@ class TensorRTRunner(Runner):
     target = "tensorrt"
     timing_meaningful = True
 
+    @classmethod
+    def check_artifact(cls, root, manifest, rel, source) -> None:
+        """The ONNX an engine is built from (``tensorrt.onnx``, and the artifact itself while the
+        engine is still to be built) is checked as any ONNX (``check_onnx``: external data listed
+        and inside, signature). An engine and a timing cache are device build products: the runner
+        loads an engine and a build reuses a timing cache only when listed (a build on the device
+        lists what it writes), so one that came unlisted with the bundle is never read."""
+        from crossvit_edge.artifact_check import check_onnx
+
+        options = manifest.get("tensorrt") or {}
+        onnx_files = {options["onnx"]} if options.get("onnx") else set()
+        if not rel.endswith(".engine"):
+            onnx_files.add(rel)
+        for name in sorted(onnx_files):
+            check_onnx(root, manifest, name, source)
+
     def __init__(self, bundle_dir, manifest, artifact=None, threads=None):
         super().__init__(bundle_dir, manifest, artifact, threads)
         trt_options = manifest.get("tensorrt", {}) or {}
@@ -497,6 +516,15 @@ class TensorRTRunner(Runner):
                 f"no TensorRT engine in {self.bundle_dir} ({engine_path.name}): build it on the device "
                 f"(sh {trt_options.get('build_script', 'build_engine.sh')}, or python -m {PROG} {self.bundle_dir} --build ...)"
             )
+        from crossvit_edge.artifact_check import read_listed_file
+
+        if "files" in manifest:  # a bundle (the pipeline checks the engine it has just built before any manifest exists)
+            if engine_path.resolve().relative_to(self.bundle_dir.resolve()).as_posix() not in manifest["files"]:
+                raise UserError(f"{engine_path.name} is in the bundle but not listed in its manifest's files (an engine from elsewhere is "
+                                f"not loaded unverified): build it here with python -m {PROG} {self.bundle_dir} --build, which lists it")
+            plan = read_listed_file(self.bundle_dir, manifest, engine_path, engine_path.name)  # the verified bytes, once
+        else:
+            plan = engine_path.read_bytes()
         trt = _import_trt()
         self.trt = trt
         self.engine_path = engine_path
@@ -506,7 +534,7 @@ class TensorRTRunner(Runner):
         dla = trt_options.get("dla")
         if dla:
             self.runtime.DLA_core = int(dla["core"])  # Runtime.DLA_core: all
-        self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())  # all; None on failure
+        self.engine = self.runtime.deserialize_cuda_engine(plan)  # all; None on failure
         if self.engine is None:
             raise UserError(f"TensorRT {trt.__version__} could not load {engine_path.name} (built by another TensorRT version or GPU?)")
         self.context = self.engine.create_execution_context()  # all
@@ -530,10 +558,14 @@ class TensorRTRunner(Runner):
                 self.inputs[name] = (host, dev)
             else:
                 self.outputs[name] = (host, dev)
-        if len(self.inputs) != 1 or not self.outputs:
-            raise UserError(f"{engine_path.name}: expected one input and at least one output, got {list(self.inputs)} / {list(self.outputs)}")
+        from crossvit_edge.artifact_check import TensorSignature, check_signature
+
+        # the engine's own I/O tensors against the manifest (name, static shape, float32)
+        check_signature([TensorSignature(n, tuple(h.shape), str(h.dtype)) for n, (h, _) in self.inputs.items()],
+                        [TensorSignature(n, tuple(h.shape), str(h.dtype)) for n, (h, _) in self.outputs.items()],
+                        manifest, engine_path.name)
         self.input_name = next(iter(self.inputs))
-        self.output_name = manifest.get("output", {}).get("name") if manifest.get("output", {}).get("name") in self.outputs else next(iter(self.outputs))
+        self.output_name = next(iter(self.outputs))
         self.batch_size = int(self.inputs[self.input_name][0].shape[0])
 
     @property
@@ -648,6 +680,8 @@ def build_bundle_engine(bundle: Path, manifest: Dict[str, Any]) -> Dict[str, Any
     if onnx_path is None or engine_path is None:
         raise UserError(f"{bundle}: the manifest's tensorrt section names no onnx or engine file")
     layer_info = bundle_file(bundle, options, "layer_info")
+    timing = bundle_file(bundle, options, "timing_cache")
+    options["reuse_timing_cache"] = timing is not None and timing.resolve().relative_to(bundle.resolve()).as_posix() in manifest["files"]
     _refuse_overwriting_inputs(bundle, manifest, options, [engine_path, layer_info, bundle_file(bundle, options, "timing_cache")])
     t0 = time.time()
     engine, info, report = build_engine(onnx_path, options)
@@ -674,10 +708,10 @@ def _refuse_overwriting_inputs(bundle: Path, manifest: Dict[str, Any], options: 
 
 
 def _refresh_listed_files(bundle: Path, manifest: Dict[str, Any], written: List[Optional[Path]]) -> None:
-    """A build on the device rewrites the engine, layer information and timing cache. Where the
-    conversion host had already built them they are listed in ``files``, and the next open would
-    refuse the bundle as modified: record the new sizes and sha256 (the manifest is rewritten
-    atomically). Files the manifest does not list stay device-local build products."""
+    """A build on the device writes the engine, layer information and timing cache: record their
+    sizes and sha256 in ``files`` (new entries, or the entries of files the conversion host had
+    built, which the next open would otherwise refuse as modified; the manifest is rewritten
+    atomically). The runner and the next build read an engine or timing cache only when listed."""
     from crossvit_edge.bundle import MANIFEST, sha256_file, write_json
 
     root = Path(bundle).resolve()
@@ -685,11 +719,21 @@ def _refresh_listed_files(bundle: Path, manifest: Dict[str, Any], written: List[
     changed = False
     for path in written:
         rel = path.resolve().relative_to(root).as_posix() if path is not None and path.is_file() else None
-        if rel in files:
+        if rel is not None:
             files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
             changed = True
     if changed:
         write_json(root / MANIFEST, manifest)
+
+
+def _load_and_run_once(bundle: Path, manifest: Dict[str, Any]) -> None:
+    """Deserialize the engine and run one batch of zeros (what the child of ``in_child`` does)."""
+    runner = TensorRTRunner(bundle, manifest)
+    try:
+        host, _ = runner.inputs[runner.input_name]
+        runner.run(np.zeros(host.shape, host.dtype))
+    finally:
+        runner.close()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -716,11 +760,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         bundle, manifest = opened.root, opened.manifest
         if manifest.get("target") != "tensorrt":
             raise UserError(f"{bundle} is a {manifest.get('target')} bundle, not tensorrt")
-        build = build_bundle_engine(bundle, manifest) if args.build else None
+        from crossvit_edge.isolation import in_child
+
+        # TensorRT parses the bundle's ONNX (build) and engine (load) in a child process first, before
+        # this process touches CUDA: a parser that aborts ends in one line, not in a core dump
+        build = in_child(f"bundle {bundle.name}: building its engine", lambda: build_bundle_engine(bundle, manifest)) if args.build else None
+        if build is not None:
+            manifest = open_bundle(bundle).manifest  # the build listed the files it wrote
         images = open_image_set(args.data)
         if len(images) == 0:
             raise UserError(f"no images in {args.data}")
         pre = Preprocessing.from_dict(manifest["preprocessing"])
+        in_child(f"bundle {bundle.name}: its engine", lambda: _load_and_run_once(bundle, manifest))
         runner = TensorRTRunner(bundle, manifest)
         try:
             logits = run_folder(runner, images, pre)
