@@ -792,6 +792,41 @@ def test_a_rebuild_on_the_device_keeps_the_bundle_openable(bundle_of, tmp_path):
     assert open_bundle(bundle).manifest["files"][engine.name]["bytes"] == engine.stat().st_size
 
 
+def test_an_unlisted_engine_is_loaded_only_once_adopted(bundle_of, digits_dir, tmp_path):
+    """An engine file that came with a bundle, unlisted, is never deserialized; --adopt-engine (the
+    user's word that build_engine.sh made it on this device) lists it with its sha256."""
+    import shutil
+
+    from crossvit_edge.bundle import open_bundle
+    from crossvit_edge.converters.tensorrt.device import TensorRTRunner
+
+    bundle = tmp_path / "b"
+    shutil.copytree(bundle_of("jetson-orin-nano-jp6"), bundle)
+    manifest = read_manifest(bundle)
+    engine = bundle / manifest["tensorrt"]["engine"]
+    engine.write_bytes(b"an engine from trtexec")
+    assert engine.name not in open_bundle(bundle).manifest["files"]
+    with pytest.raises(UserError, match="not listed in its manifest.*--adopt-engine"):
+        TensorRTRunner(bundle, manifest)
+
+    def device(*flags):
+        code = BLOCK_TORCH + textwrap.dedent(
+            f"""
+            from crossvit_edge.converters.tensorrt.device import main
+            sys.exit(main([{str(bundle)!r}, *{list(flags)!r}, "--data", {str(digits_dir / "val")!r}, "--output", {str(tmp_path / "r.json")!r}]))
+            """
+        )
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+
+    r = device("--build", "--adopt-engine")
+    assert r.returncode == 2 and "exclude each other" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = device("--adopt-engine")
+    listed = open_bundle(bundle).manifest["files"][engine.name]
+    assert listed["bytes"] == engine.stat().st_size
+    if not TRT_OK:  # listed, then TensorRT itself is missing: one line
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "tensorrt" in r.stderr, r.stderr
+
+
 def test_a_build_never_overwrites_what_it_reads(bundle_of, digits_dir, tmp_path, capsys):
     """A manifest pointing the engine at the bundle's ONNX (or the manifest) is refused before
     TensorRT is needed, and nothing in the bundle changes."""

@@ -124,6 +124,8 @@ def build_script(target: TrtTarget, build: List[str], latency: List[str], cache_
     lines.append('RUN=""; [ "${DRY_RUN:-0}" = 1 ] && RUN=echo')
     lines.append('$RUN "$TRTEXEC" ' + " \\\n  ".join(_sh_flag(f, cache_file) for f in build))
     lines.append("")
+    lines.append("# Then list the engine in the manifest (the runner loads only listed engines) and profile it:")
+    lines.append(f"#   python -m {DEVICE_PROG} BUNDLE --adopt-engine --data DIR --output results.json")
     lines.append("# Latency on the device (GPU compute only, like the harness's device results):")
     lines.append("#   \"$TRTEXEC\" " + " ".join(shlex.quote(f) for f in latency))
     return "\n".join(lines) + "\n"

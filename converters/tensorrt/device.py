@@ -521,7 +521,8 @@ class TensorRTRunner(Runner):
         if "files" in manifest:  # a bundle (the pipeline checks the engine it has just built before any manifest exists)
             if engine_path.resolve().relative_to(self.bundle_dir.resolve()).as_posix() not in manifest["files"]:
                 raise UserError(f"{engine_path.name} is in the bundle but not listed in its manifest's files (an engine from elsewhere is "
-                                f"not loaded unverified): build it here with python -m {PROG} {self.bundle_dir} --build, which lists it")
+                                f"not loaded unverified): build it here with python -m {PROG} {self.bundle_dir} --build, which lists it, or, "
+                                f"if you built it on this device with build_engine.sh, add --adopt-engine")
             plan = read_listed_file(self.bundle_dir, manifest, engine_path, engine_path.name)  # the verified bytes, once
         else:
             plan = engine_path.read_bytes()
@@ -741,6 +742,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("bundle", type=Path)
     p.add_argument("--data", type=Path, required=True, help="folder of images (ImageFolder or plain)")
     p.add_argument("--build", action="store_true", help="build the engine here from the bundle's ONNX first")
+    p.add_argument("--adopt-engine", action="store_true",
+                   help="the engine in the bundle is one you built on this device with its build_engine.sh: list it in the manifest (sha256) and use it")
     p.add_argument("--runs", type=int, default=100, help="timed runs (default 100)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--output", type=Path, required=True)
@@ -764,9 +767,21 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         # TensorRT parses the bundle's ONNX (build) and engine (load) in a child process first, before
         # this process touches CUDA: a parser that aborts ends in one line, not in a core dump
+        if args.build and args.adopt_engine:
+            raise UserError("--build and --adopt-engine exclude each other: --build makes the engine, --adopt-engine lists the one trtexec made")
         build = in_child(f"bundle {bundle.name}: building its engine", lambda: build_bundle_engine(bundle, manifest)) if args.build else None
-        if build is not None:
-            manifest = open_bundle(bundle).manifest  # the build listed the files it wrote
+        if args.adopt_engine:
+            # the user's flag is the trust decision (an engine that came unlisted with a bundle is
+            # never loaded otherwise): record what build_engine.sh wrote, as --build does
+            options = manifest.get("tensorrt") or {}
+            engine = bundle_file(bundle, options, "engine")
+            if engine is None or not engine.is_file():
+                raise UserError(f"{bundle}: no engine to adopt; run its build_engine.sh on this device first")
+            adopted = [engine, bundle_file(bundle, options, "layer_info")]
+            _refuse_overwriting_inputs(bundle, manifest, options, adopted)  # never list the ONNX or the manifest as "the engine"
+            _refresh_listed_files(bundle, manifest, adopted)
+        if build is not None or args.adopt_engine:
+            manifest = open_bundle(bundle).manifest  # the build (or adoption) listed the files it wrote
         images = open_image_set(args.data)
         if len(images) == 0:
             raise UserError(f"no images in {args.data}")
