@@ -33,6 +33,9 @@ cd "$(dirname "$0")/.."
 ROOT="$PWD"
 ARM="$ROOT/build/aarch64"
 if [ "${1:-}" = "--print-dir" ]; then echo "$ARM"; exit 0; fi
+CHECK_ONLY=0
+[ "${1:-}" = "--check" ] && CHECK_ONLY=1
+missing=()
 if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
@@ -52,9 +55,6 @@ WHEEL_PLATFORM=(--platform manylinux_2_28_aarch64 --platform manylinux_2_27_aarc
                 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64
                 --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none --only-binary=:all:)
 
-CHECK_ONLY=0
-[ "${1:-}" = "--check" ] && CHECK_ONLY=1
-missing=()
 
 # ---- what is missing ------------------------------------------------------------------------------
 host_missing=()
@@ -81,7 +81,13 @@ SYSROOT_WANT="$RELEASE ${SYSROOT_PACKAGES[*]}"
 WHEELS_WANT="$REQUIREMENTS"
 stamp_is "$ARM/sysroot/.stamp" "$SYSROOT_WANT" || missing+=("arm64 sysroot ($RELEASE)")
 [ -x "$ARM/qemu/qemu-aarch64" ] && [ -f "$ARM/qemu/.stamp" ] || missing+=("qemu-user 10 ($QEMU_SUITE)")
-stamp_is "$ARM/site-packages/.stamp" "$WHEELS_WANT" || missing+=("aarch64 wheels: $(echo $REQUIREMENTS)")
+# --check asks whether the checks can run (wheels of any version); installing also follows the
+# host venv's versions when they change
+if [ $CHECK_ONLY = 1 ]; then
+    [ -f "$ARM/site-packages/.stamp" ] || missing+=("aarch64 wheels: $(echo $REQUIREMENTS)")
+else
+    stamp_is "$ARM/site-packages/.stamp" "$WHEELS_WANT" || missing+=("aarch64 wheels: $(echo $REQUIREMENTS)")
+fi
 stamp_is "$ARM/executorch/.stamp" "executorch==$EXECUTORCH_VERSION" || missing+=("aarch64 executorch==$EXECUTORCH_VERSION wheel")
 
 if [ ${#missing[@]} -eq 0 ]; then
