@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	# system packages of the C++ example (examples/executorch_cpp): apt-get as root, else a note
 	bash scripts/install_cpp_deps.sh
+	# the aarch64 checks (tests/test_arm.py): cross compiler, arm64 root, qemu-user, aarch64 wheels
+	# into build/aarch64/ (as root; else a note); cached, so a rerun does nothing
+	PYTHON=$(PY) bash scripts/install_arm_deps.sh
 	touch $(STAMP)
 
 install: $(STAMP)

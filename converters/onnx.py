@@ -41,24 +41,6 @@ DEFAULT_OPSET = 17
 # Export
 
 
-class _Fp16Wrapper:
-    """float32 in, float32 out, fp16 inside (LayerNorm/Softmax stay fp32 inside the model)."""
-
-    @staticmethod
-    def wrap(model):
-        import torch
-
-        class Fp16IO(torch.nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, x):
-                return self.inner(x.half()).float()
-
-        return Fp16IO(model.half())
-
-
 def _translation_table():
     """ONNX translations of the Q/DQ custom ops of ``crossvit_edge.calibration.qdq``."""
     import torch
@@ -88,7 +70,9 @@ def export_onnx(model, path: Path, batch_size: int, opset: int = DEFAULT_OPSET, 
     model = copy.deepcopy(model).eval()
     size = model.config.img_size if hasattr(model, "config") else model.inner.config.img_size
     if fp16:
-        model = _Fp16Wrapper.wrap(model)
+        from crossvit_edge.crossvit import fp16_inside
+
+        model = fp16_inside(model)  # float32 in and out (LayerNorm / softmax stay fp32 inside the model)
     example = (torch.zeros(batch_size, 3, size, size),)
     # The exporter writes progress and version-conversion chatter through print and warnings.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -256,6 +240,10 @@ def check_choice(key: str, value: Any, choices) -> Any:
 # ops that compute a GEMM on integers, as ORT's optimized graph names them
 INTEGER_GEMM_OPS = ("QGemm", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger", "QLinearConv", "ConvInteger")
 _FLOAT_GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul")
+# float convolutions as ORT's optimized graph names them: where MLAS has an NHWC kernel (aarch64
+# with SME, measured under qemu -cpu max) its NHWC transformer rewrites Conv to com.microsoft
+# NhwcFusedConv, still fed by the input's DequantizeLinear
+_FLOAT_CONV_OPS = ("Conv", "FusedConv", "NhwcConv", "NhwcFusedConv")
 
 
 def _producers(graph) -> Dict[str, Any]:
@@ -334,8 +322,12 @@ def to_ort_cpu_form(model, form: str = "ort-cpu", activation_dtype: str = "uint8
     activation ranges. Returns (int8 GEMMs rewritten, int8 attention matmuls).
 
     Why each change (ORT's QDQ selectors, onnxruntime/core/optimizer/qdq_transformer):
-    * int8 activations fuse only on ARM (``QDQIsInt8Allowed()``); on x86 the activation side must
-      be uint8. uint8 with zero point 128 and the same scale is the TensorRT grid shifted by 128.
+    * activations: ``uint8`` (the default) with zero point 128 and the same scale is the TensorRT
+      grid shifted by 128, the form ORT's x86 kernels take; ``int8`` keeps the TensorRT grid as it
+      is, which ARM fuses directly (``QDQIsInt8Allowed()``, S8S8 dot-product kernels). x86 fuses
+      that form too: ORT first rewrites each int8 activation Q/DQ pair to uint8 (its QDQ S8-to-U8
+      transformer; measured with ORT 1.32: the same QGemm count as the uint8 form, no DQ left on a
+      GEMM path), at the cost of the extra rewrite.
     * ORT first folds MatMul + Add into Gemm; the Gemm selector fuses into QGemm only when every
       input is a DQ, so the bias becomes DQ(int32 round(b / (s_x * s_w)), s_x * s_w), the bias
       form of ORT's own quantizer (error below half a unit of s_x * s_w).
@@ -484,17 +476,8 @@ def integer_kernel_report(optimized) -> Dict[str, Any]:
         "integer_ops": integer_ops,
         "integer_op_count": sum(integer_ops.values()),
         "float_gemms_fed_by_dequantize": sorted(f for f in fed if f.split(":")[0] in _FLOAT_GEMM_OPS),
-        "float_convs_fed_by_dequantize": sorted(f for f in fed if f.split(":")[0] == "Conv"),
+        "float_convs_fed_by_dequantize": sorted(f for f in fed if f.split(":")[0] in _FLOAT_CONV_OPS),
     }
-
-
-def host_fuses(activation_dtype: str) -> bool:
-    """Whether this host's ORT fuses ``activation_dtype`` activations (int8 only on ARM)."""
-    return activation_dtype == "uint8" or _is_arm()
-
-
-def _is_arm() -> bool:
-    return platform.machine().lower() in ("arm64", "aarch64") or platform.machine().lower().startswith("armv")
 
 
 def _is_x86() -> bool:
@@ -530,12 +513,13 @@ class OnnxRuntimeRunner(Runner):
         opts.log_severity_level = 3
         self.int8_form = int8_form_of(manifest)
         if not exact and self.int8_form == "tensorrt" and manifest.get("precision") == "int8" and _is_x86():
-            # The TensorRT form's int8 activations fuse into integer kernels only on ARM
-            # (QDQIsInt8Allowed() is false elsewhere). On x86 that graph runs as float GEMMs, and
-            # the weight DequantizeLinear nodes would be recomputed on every run (ORT keeps them
-            # unfolded for the fusion that never comes): let constant folding turn them into float
-            # weights instead. Results are the same; only the wasted work goes. The ort-cpu forms
-            # are built for the fusion and keep it.
+            # The TensorRT form's GEMMs never fuse into integer kernels on x86 (their float bias
+            # fails the Gemm selector: docs/cpu_int8.md; measured with ORT 1.32: 0 integer ops, every
+            # Gemm fed by DequantizeLinear). That graph runs as float GEMMs, and the weight
+            # DequantizeLinear nodes would be recomputed on every run (ORT keeps them unfolded for
+            # the fusion that never comes): let constant folding turn them into float weights
+            # instead. Results are the same; only the wasted work goes. The ort-cpu forms are built
+            # for the fusion and keep it.
             opts.add_session_config_entry("session.disable_quant_qdq", "1")
         self._providers = providers or ["CPUExecutionProvider"]
         try:
@@ -647,8 +631,6 @@ class OnnxConverter(Converter):
         entry: Dict[str, Any] = {"form": form, "activation_dtype": dtype, "int8_gemms": n_gemms, "optimized_graph": {}}
         if n_attention:
             entry["int8_attention_matmuls"] = n_attention
-        if not (form == "ort-cpu-dynamic" or host_fuses(activation_dtype)):
-            entry["optimized_graph"] = {"host": platform.machine(), "skipped": f"ORT fuses {activation_dtype} activations only on ARM"}
         report["ort_cpu"] = entry
         section = {"activation_dtype": dtype, "int8_gemms": n_gemms}
         if n_attention:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import platform
 import re
 import time
 from dataclasses import dataclass, field
@@ -115,6 +116,11 @@ class Row:
     latency: Optional[Dict[str, Any]]
     memory_bytes: Optional[int]
     notes: List[str] = field(default_factory=list)
+    # where the row's artifact ran: the instruction set (platform.machine() for this host's runners,
+    # the results file's own word for merged rows; None when it says nothing) and the emulator, if
+    # any, as the device side recorded it (qemu-user for aarch64 checks without ARM hardware)
+    architecture: Optional[str] = None
+    emulator: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return self.__dict__.copy()
@@ -181,6 +187,7 @@ def profile_bundles(
             accuracy=compare_logits(ref_logits, ref_logits, labels),
             latency=time_runner(reference, x[:batch_size] if len(x) >= batch_size else np.repeat(x[:1], batch_size, 0), settings),
             memory_bytes=None,
+            architecture=platform.machine(),
         )
     ]
     every = np.arange(len(x))
@@ -223,6 +230,7 @@ def profile_bundles(
                     latency=latency,
                     memory_bytes=memory,
                     notes=notes,
+                    architecture=platform.machine(),
                 )
             )
         finally:
@@ -252,6 +260,8 @@ def _merged_row(result: Dict[str, Any], images: ImageSet, ref_logits: np.ndarray
     notes = [f"merged from device results ({brief(result.get('device') or 'unknown device', 200)})"]
     if len(result["images"]) > len(images):
         notes.append(f"scored on the {len(images)} images profiled here, of the {len(result['images'])} in the results file")
+    if result.get("emulator"):
+        notes.append(f"ran under an emulator ({brief(result['emulator'], 200)}): its latency is the emulator's, not a device's")
     return Row(
         name=result.get("bundle") or "device",
         target=result.get("target") or "tensorrt",
@@ -262,6 +272,8 @@ def _merged_row(result: Dict[str, Any], images: ImageSet, ref_logits: np.ndarray
         latency=result.get("latency"),
         memory_bytes=result.get("device_memory_bytes"),
         notes=notes,
+        architecture=result.get("architecture"),
+        emulator=result.get("emulator"),
     )
 
 
@@ -317,7 +329,7 @@ def validate_results(data: Any, source: str, num_classes: Optional[int] = None) 
         logits = logits.astype(np.float32)
     if not np.isfinite(logits).all():
         c.fail("logits", f"{int((~np.isfinite(logits)).sum())} values are NaN or infinite (or beyond float32)")
-    for key in ("bundle", "precision", "runner", "device", "timing"):
+    for key in ("bundle", "precision", "runner", "device", "timing", "architecture", "emulator"):
         value = c.value(data, key, key, str, required=False)
         if value is not None and len(value) > MAX_TEXT:
             c.fail(key, f"string of {len(value)} characters is too long")
@@ -378,14 +390,21 @@ def md_text(value: Any, limit: int = 200) -> str:
     return text
 
 
+def ran_on(row: Dict[str, Any]) -> str:
+    """A row's architecture and emulator in a few words: ``x86_64``, ``aarch64 under qemu-aarch64
+    10.0.2, -cpu neoverse-n1``, ``?`` where a results file did not say (reports from before the key)."""
+    arch = row.get("architecture") or "?"
+    return f"{arch} under {row['emulator']}" if row.get("emulator") else arch
+
+
 def markdown_report(report: Dict[str, Any]) -> str:
     lines = [
         f"# crossvit_edge profile: {report['images']['count']} images from {md_text(report['images']['root'])}",
         "",
         "Every artifact and the fp32 reference ran on the same images; agreement, cosine and KL are against the fp32 reference.",
         "",
-        "| artifact | target | precision | top-1 | top-5 | top-1 agreement | cosine | KL | p50 ms | p90 ms | p99 ms | img/s | size MB | memory MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| artifact | target | precision | ran on | top-1 | top-5 | top-1 agreement | cosine | KL | p50 ms | p90 ms | p99 ms | img/s | size MB | memory MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         a, l = r["accuracy"], r["latency"] or {}
@@ -393,7 +412,7 @@ def markdown_report(report: Dict[str, Any]) -> str:
         subset = f" (n={a['images']})" if a.get("images") not in (None, report["images"]["count"]) else ""
         lines.append(
             "| " + " | ".join([
-                md_text(r["name"]), md_text(r["target"]), md_text(r["precision"]),
+                md_text(r["name"]), md_text(r["target"]), md_text(r["precision"]), md_text(ran_on(r)),
                 _fmt(a.get("top1"), "{:.2f}%", 100) + subset, _fmt(a.get("top5"), "{:.2f}%", 100),
                 _fmt(a.get("top1_agreement"), "{:.2f}%", 100), _fmt(a.get("cosine"), "{:.5f}"), _fmt(a.get("kl"), "{:.2e}"),
                 _fmt(l.get("p50_ms")), _fmt(l.get("p90_ms")), _fmt(l.get("p99_ms")), _fmt(l.get("throughput_ips"), "{:.1f}"),

@@ -1,5 +1,5 @@
 """The C++ example (examples/executorch_cpp, ``crossvit_classify``), built by the project's own script
-against the installed executorch package and run on an ExecuTorch int8 bundle: the same
+against the installed executorch package and run on an ExecuTorch int8 bundle (and an fp16 one): the same
 preprocessing as the Python runtime (bit for bit), logits within 1e-3 on the same preprocessed
 input, the same top-1, a results file that ``profile --merge`` scores like the executorch row, and
 one-line refusals of bad input and hostile bundles.
@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +21,8 @@ pytest.importorskip("executorch")
 from crossvit_edge.data import open_image_set  # noqa: E402
 
 from .conftest import REPO, build_bundle  # noqa: E402
+from .cpp_app import build_app, merged_agreement_matches, run_app, runpath_entries  # noqa: E402
 
-BUILD_SCRIPT = REPO / "scripts" / "build_cpp_example.sh"
 BUILD_DIR = REPO / "build" / "executorch_cpp"  # kept between runs: rebuilds are incremental
 
 if shutil.which("cmake") is None or not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
@@ -36,14 +33,7 @@ if shutil.which("cmake") is None or not (shutil.which("c++") or shutil.which("g+
 @pytest.fixture(scope="module")
 def app() -> Path:
     """The example built exactly as a user builds it (scripts/build_cpp_example.sh)."""
-    t = time.time()
-    done = subprocess.run(["bash", str(BUILD_SCRIPT), str(BUILD_DIR)], capture_output=True, text=True, cwd=REPO, timeout=1800)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    print(f"built the C++ example in {time.time() - t:.1f} s")
-    path = Path(done.stdout.strip().splitlines()[-1])
-    path = path if path.is_absolute() else REPO / path
-    assert path.is_file() and os.access(path, os.X_OK)
-    return path
+    return build_app(BUILD_DIR)
 
 
 def _build(out: Path, checkpoint, digits_dir: Path, precision: str = "int8", **kw) -> Path:
@@ -53,13 +43,6 @@ def _build(out: Path, checkpoint, digits_dir: Path, precision: str = "int8", **k
 @pytest.fixture(scope="module")
 def int8_bundle(tmp_path_factory, micro_checkpoint, digits_dir) -> Path:
     return _build(tmp_path_factory.mktemp("cpp") / "executorch-int8", micro_checkpoint, digits_dir)
-
-
-def run_app(app: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(app), *map(str, args)], capture_output=True, text=True, timeout=600)
-    if check:
-        assert done.returncode == 0, done.stderr[-2000:]
-    return done
 
 
 def compare_with_python_runtime(app: Path, bundle: Path, val_dir: Path, tmp: Path) -> dict:
@@ -109,38 +92,38 @@ def compare_with_python_runtime(app: Path, bundle: Path, val_dir: Path, tmp: Pat
     return numbers
 
 
-def merged_agreement_matches(bundle: Path, results: Path, val_dir: Path, checkpoint) -> dict:
-    """The app's results file merged into a profile of the same images: its agreement with the fp32
-    reference matches the executorch row's within one image."""
-    from crossvit_edge.checkpoint import load_checkpoint
-    from crossvit_edge.harness import ProfileSettings, profile_bundles
-    from crossvit_edge.preprocess import Preprocessing
-
-    images = open_image_set(val_dir)
-    model = load_checkpoint(str(checkpoint)).model
-    pre = Preprocessing(model.config.img_size, model.config.crop_pct)
-    data = json.loads(results.read_text())
-    report = profile_bundles([bundle], images, pre, model, ProfileSettings(runs=2, warmup=0, threads=2), merged=[data])
-    rows = {r["runner"]: r for r in report["rows"]}
-    python_row = next(r for r in report["rows"] if r["target"] == "executorch" and "crossvit_classify" not in r["runner"])
-    cpp_row = next(r for r in report["rows"] if "crossvit_classify" in r["runner"])
-    assert cpp_row["name"] == bundle.name and cpp_row["precision"] == "int8", rows.keys()
-    difference = abs(cpp_row["accuracy"]["top1_agreement"] - python_row["accuracy"]["top1_agreement"]) * len(images)
-    assert difference <= 1.0 + 1e-9, (cpp_row["accuracy"], python_row["accuracy"])
-    assert cpp_row["latency"]["runs"] == 5 and cpp_row["latency"]["p50_ms"] > 0
-    out = {"cpp_agreement": cpp_row["accuracy"]["top1_agreement"], "python_agreement": python_row["accuracy"]["top1_agreement"]}
-    print(out)
-    return out
-
-
 def test_cpp_app_matches_the_python_runtime(app, int8_bundle, digits_dir, tmp_path):
     compare_with_python_runtime(app, int8_bundle, digits_dir / "val", tmp_path)
 
 
+def test_cpp_app_runs_the_fp16_program(app, micro_checkpoint, digits_dir, tmp_path):
+    """The fp16 program keeps the float32 forward() the app checks for (fp16 inside, casts at the
+    boundary): the app runs it as it runs the int8 one, with the Python runtime's numbers."""
+    bundle = _build(tmp_path / "executorch-fp16", micro_checkpoint, digits_dir, precision="fp16", eval_samples=4)
+    assert json.loads((bundle / "manifest.json").read_text())["executorch"]["compute_dtype"] == "float16"
+    compare_with_python_runtime(app, bundle, digits_dir / "val", tmp_path)
+
+
 def test_cpp_results_file_merges_into_a_profile(app, int8_bundle, digits_dir, micro_checkpoint, tmp_path):
+    import platform
+
+    from crossvit_edge.harness import markdown_report, md_text
+
     val = digits_dir / "val" / "3"  # one class folder: a quick profile
     run_app(app, int8_bundle, val, "--results", tmp_path / "results.json", "--bench", 5, "--warmup", 1)
-    merged_agreement_matches(int8_bundle, tmp_path / "results.json", val, micro_checkpoint)
+    merged = merged_agreement_matches(int8_bundle, tmp_path / "results.json", val, micro_checkpoint)
+    # the row says where it ran: the program's own architecture (this machine's), no emulator
+    assert merged["cpp_row"]["architecture"] == platform.machine() and merged["cpp_row"]["emulator"] is None
+    assert all(r["architecture"] == platform.machine() for r in merged["report"]["rows"])
+    assert f"| int8 | {md_text(platform.machine())} |" in markdown_report(merged["report"])
+
+
+def test_cpp_build_tree_run_path_has_no_empty_entries(app):
+    """An empty (or relative) run-path entry is the current directory: the program would load
+    libexecutorch*.so from wherever it is started. The build tree's is the install one ($ORIGIN,
+    $ORIGIN/../lib, the wheel's lib folder)."""
+    entries = runpath_entries(app)
+    assert entries and all(e.startswith(("/", "$ORIGIN")) for e in entries), entries
 
 
 def test_cpp_preprocessing_of_other_image_kinds_matches_pillow(app, int8_bundle, tmp_path):

@@ -40,6 +40,7 @@ import argparse
 import ctypes
 import json
 import logging
+import platform
 import sys
 import time
 from pathlib import Path
@@ -650,7 +651,8 @@ def folder_results(bundle: Path, manifest: Dict[str, Any], runner: Runner, image
     """The results file ``python -m crossvit_edge.profile --merge`` reads (``harness._merged_row``):
     ``images`` relative to the image folder (the harness matches them to its own images by path),
     ``logits`` in that order, ``latency`` (``metrics.latency_summary``), ``engine_bytes`` (size
-    column), ``device_memory_bytes``, ``bundle``/``target``/``precision``/``runner``/``device``."""
+    column), ``device_memory_bytes``, ``bundle``/``target``/``precision``/``runner``/``device`` and
+    ``architecture`` (this machine's: the report's "ran on" column)."""
     from crossvit_edge.metrics import latency_summary
 
     artifact = Path(getattr(runner, "engine_path", runner.artifact_path))
@@ -660,6 +662,7 @@ def folder_results(bundle: Path, manifest: Dict[str, Any], runner: Runner, image
         "precision": manifest.get("precision"),
         "runner": runner.description,
         "device": device,
+        "architecture": platform.machine(),
         "images": [p.relative_to(images.root).as_posix() for p in images.paths],  # the harness's own key
         "logits": np.asarray(logits, np.float32).tolist(),
         "latency": latency_summary(seconds, runner.batch_size),

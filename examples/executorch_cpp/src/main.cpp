@@ -5,7 +5,9 @@
 //   crossvit_classify BUNDLE FOLDER --results out.json [--data-root DIR] [--bench N] [--warmup W]
 //       also writes the results file `python -m crossvit_edge.profile --merge` reads: every image's
 //       logits (paths relative to DIR, or to FOLDER when it is the only one given) and, with
-//       --bench, the latency of N timed runs of one batch after W warm-up runs
+//       --bench, the latency of N timed runs of one batch after W warm-up runs; the file says the
+//       program's architecture, and `--emulator TEXT` records that this run was emulated (for example
+//       "qemu-aarch64 10.0.2, -cpu neoverse-n1": a program cannot tell an emulator from hardware)
 //   crossvit_classify BUNDLE IMAGE... --dump-input x.npy      the preprocessed images, (n, 3, H, W)
 //   crossvit_classify BUNDLE --input-npy x.npy --logits-npy y.npy   run preprocessed input as given
 //
@@ -46,8 +48,8 @@ namespace {
 
 constexpr const char* kProg = "crossvit_classify";
 constexpr const char* kUsage =
-    "usage: crossvit_classify BUNDLE IMAGE_OR_FOLDER... [--top-k K] [--results FILE [--data-root DIR] [--bench N] [--warmup W]]\n"
-    "                         [--dump-input FILE.npy] [-v]\n"
+    "usage: crossvit_classify BUNDLE IMAGE_OR_FOLDER... [--top-k K] [--results FILE [--data-root DIR] [--bench N] [--warmup W]\n"
+    "                         [--emulator TEXT]] [--dump-input FILE.npy] [-v]\n"
     "       crossvit_classify BUNDLE --input-npy FILE.npy --logits-npy FILE.npy\n";
 
 // The runtime's log goes through this. With --verbose everything is printed; otherwise nothing is,
@@ -69,6 +71,7 @@ struct Options {
   std::vector<fs::path> inputs;
   int top_k = 1;
   fs::path results, data_root, dump_input, input_npy, logits_npy;
+  std::string emulator;
   int bench = 0;
   int warmup = 5;
 };
@@ -104,6 +107,7 @@ Options parse_args(int argc, char** argv) {
     else if (a == "--data-root") o.data_root = value();
     else if (a == "--bench") o.bench = parse_count(a, value(), 1, 1000000);
     else if (a == "--warmup") o.warmup = parse_count(a, value(), 0, 1000000);
+    else if (a == "--emulator") o.emulator = value();
     else if (a == "--dump-input") o.dump_input = value();
     else if (a == "--input-npy") o.input_npy = value();
     else if (a == "--logits-npy") o.logits_npy = value();
@@ -117,6 +121,9 @@ Options parse_args(int argc, char** argv) {
   if (!o.input_npy.empty() && !o.inputs.empty()) throw UserError("--input-npy replaces the images: give one or the other");
   if (o.input_npy.empty() && o.inputs.empty()) throw UserError("no images given");
   if (o.bench && o.results.empty()) throw UserError("--bench writes its latency into the results file: add --results FILE");
+  if (!o.emulator.empty() && o.results.empty()) throw UserError("--emulator is recorded in the results file: add --results FILE");
+  if (o.emulator.size() > 200 || std::any_of(o.emulator.begin(), o.emulator.end(), [](unsigned char c) { return c < 32 || c == 127; }))
+    throw UserError("--emulator: at most 200 printable characters");
   return o;
 }
 
@@ -303,6 +310,8 @@ int run(const Options& o) {
         {"precision", bundle.precision},
         {"runner", std::string("crossvit_classify, ExecuTorch ") + CROSSVIT_EXECUTORCH_VERSION + " C++ runtime, XNNPACK delegate, CPU"},
         {"device", crossvit::device_description()},
+        {"architecture", crossvit::architecture()},
+        {"emulator", o.emulator.empty() ? nlohmann::json(nullptr) : nlohmann::json(o.emulator)},
         {"images", keys},
         {"logits", rows},
         {"latency", latency},

@@ -17,6 +17,11 @@ nlohmann::json latency_summary(const std::vector<double>& seconds, int batch_siz
 // OS, CPU model and hardware threads of this machine, for the report's notes.
 std::string device_description();
 
+// The instruction set this program was compiled for ("aarch64", "x86_64", ...): the architecture its
+// kernels ran on (device_description()'s machine is the kernel's, which a 32-bit program on a 64-bit
+// kernel, or an emulator's host, can make different).
+std::string architecture();
+
 // Peak resident memory of this process in bytes (0 where unknown).
 long long peak_rss_bytes();
 
