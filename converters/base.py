@@ -125,6 +125,12 @@ class Runner(ABC):
         """Memory the runtime holds for this artifact, where the backend can tell; else None."""
         return None
 
+    def probe(self, points, layers, context=None):
+        """A ``crossvit_edge.converters.probe.Probe`` showing this artifact's values at ``points``
+        (``layers``: plan layer name -> weight shape, in execution order), from the most faithful
+        source the target has. Targets that cannot show intermediate values say so."""
+        raise UserError(f"{self.description} cannot show intermediate values (no layer-wise comparison for this runner)")
+
     def close(self) -> None:
         pass
 

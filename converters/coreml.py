@@ -659,3 +659,90 @@ class CoreMLRunner(Runner):
                 outs.append(np.asarray(self.model.predict({INPUT_NAME: image})[OUTPUT_NAME], dtype=np.float32))
             return np.concatenate(outs)
         return np.asarray(self.model.predict({INPUT_NAME: images})[OUTPUT_NAME], dtype=np.float32)
+
+    def probe(self, points, layers, context=None):
+        """The numpy ML Program checker's values of the saved program, op by op (Core ML itself
+        exposes no intermediate values); on the checker backend its logits are this runner's own."""
+        from .probe import locate
+
+        program = self.program if self.backend == "checker" else MILProgram.load(self.artifact_path)
+        program.check_supported()
+        located = locate(points, layers, mil_graph_ops(program))
+        return MILProbe(program, located, self, same_as_runner=self.backend == "checker")
+
+
+def mil_graph_ops(program: MILProgram) -> List[Any]:
+    """``probe.GraphOp`` records of an ML Program: ``linear`` / ``conv`` with a constant weight
+    (their weights are in PyTorch layout already), activation ``dequantize`` as an epilogue with its
+    grid, adds of a constant as epilogues, adds of two activations, the rest as other ops."""
+    from .probe import INTEGER_RANGES, GraphOp, Quant
+
+    const_types = {n: t for op in program.ops if op.type == "const" or op.type.startswith("constexpr_") for n, t in op.outputs}
+    program._prepare_consts()
+    values = program._consts
+
+    def names(op, key):
+        return [ref for kind, ref in op.inputs.get(key, []) if kind == "name"]
+
+    def const_value(op, key):
+        bound = op.inputs.get(key, [])
+        if not bound:
+            return None
+        kind, ref = bound[0]
+        return values.get(ref) if kind == "name" else None
+
+    ops = []
+    for op in program.ops:
+        if op.type == "const" or op.type.startswith("constexpr_") or not op.outputs:
+            continue
+        acts = tuple(ref for bindings in op.inputs.values() for kind, ref in bindings if kind == "name" and ref not in const_types)
+        g = GraphOp("other", acts, op.outputs[0][0], op.name)
+        weight = names(op, "weight")
+        if op.type in ("linear", "conv") and weight and weight[0] in const_types and names(op, "x"):
+            g.kind, g.weight_shape = "layer", const_types[weight[0]].shape
+            g.inputs = tuple(names(op, "x")) + tuple(a for a in acts if a not in names(op, "x"))
+        elif op.type == "add":
+            g.kind = "add" if len(acts) == 2 else "epilogue"
+        elif op.type == "dequantize" and len(acts) == 1:
+            scale, zp = const_value(op, "scale"), const_value(op, "zero_point")
+            data = next((program_var_type(program, a) for a in acts), None)
+            if scale is not None and np.asarray(scale).size == 1 and data in INTEGER_RANGES:
+                g.kind = "epilogue"
+                g.quant = Quant(float(np.asarray(scale).reshape(())), int(np.asarray(zp).reshape(())) if zp is not None else 0, *INTEGER_RANGES[data])
+        elif op.type == "quantize" and len(acts) == 1:
+            g.kind = "epilogue"
+        ops.append(g)
+    return ops
+
+
+def program_var_type(program: MILProgram, name: str) -> Optional[str]:
+    """The dtype name (``"int8"``, ``"fp16"`` ...) a variable of ``program`` is declared with."""
+    for op in program.ops:
+        for n, t in op.outputs:
+            if n == name:
+                return t.dtype_name.lower()
+    return None
+
+
+class MILProbe:
+    """The checker's run of the program, keeping the located variables."""
+
+    def __init__(self, program: MILProgram, located, runner: CoreMLRunner, same_as_runner: bool):
+        from .probe import wanted_tensors
+
+        self.program, self.located, self.runner, self.same_as_runner = program, located, runner, same_as_runner
+        self.names = wanted_tensors(located)
+        backend = "the runner's own computation" if same_as_runner else "not Core ML's: this runner's logits come from Core ML itself"
+        self.source = f"crossvit_edge numpy ML Program checker, every op of the saved program ({backend})"
+
+    def run(self, images: np.ndarray):
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        x = self.runner._pixels(images) if self.runner.image_input else images
+        env = self.program.run({INPUT_NAME: x}, threads=self.runner.threads or 1, keep=self.names)
+        out = {key: np.asarray(env[loc.tensor], np.float32) for key, loc in self.located.items() if loc.tensor is not None}
+        logits = np.asarray(env[OUTPUT_NAME], np.float32)
+        out["logits"] = logits
+        return out, (logits if self.same_as_runner else None)
+
+    def close(self) -> None:
+        pass

@@ -450,15 +450,17 @@ class MILProgram:
         self._consts = env
         self._consts_ready = True
 
-    def run(self, feeds: Dict[str, np.ndarray], threads: Optional[int] = 1) -> Dict[str, np.ndarray]:
-        """Execute ``main`` on ``feeds`` (input name -> array); returns every program output.
+    def run(self, feeds: Dict[str, np.ndarray], threads: Optional[int] = 1, keep: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+        """Execute ``main`` on ``feeds`` (input name -> array); returns every program output, and
+        the values of the variables named in ``keep`` (intermediate values, for the layer-wise
+        comparison).
 
         ``threads`` caps the BLAS thread pool while it runs (the default 1 is the fastest for these
         small matrices, many times faster than a contended multi-threaded BLAS); None leaves it."""
         with _blas_threads(threads):
-            return self._run(feeds)
+            return self._run(feeds, keep)
 
-    def _run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    def _run(self, feeds: Dict[str, np.ndarray], keep: Sequence[str] = ()) -> Dict[str, np.ndarray]:
         self._prepare_consts()
         env: Dict[str, Any] = dict(self._consts)
         for name, ttype in self.inputs:
@@ -471,7 +473,10 @@ class MILProgram:
             if op.type == "const" or op.type.startswith("constexpr_"):
                 continue
             self._execute(op, env)
-        return {n: env[n] for n in self.output_names}
+        missing = [n for n in keep if n not in env]
+        if missing:
+            raise MILCheckerError(f"{self.source}: no variable {missing[0]!r} in the program")
+        return {n: env[n] for n in (*self.output_names, *keep)}
 
     def _execute(self, op: _Op, env: Dict[str, Any]) -> None:
         impl = OPS.get(op.type)

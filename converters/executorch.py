@@ -609,6 +609,156 @@ class ExecuTorchRunner(Runner):
         out = self._method.execute([self._torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))])
         return out[0].detach().numpy().astype(np.float32)
 
+    def probe(self, points, layers, context=None):
+        """ETDump intermediate outputs where the runtime records them; the XNNPACK delegate records
+        none inside its subgraphs (checked on this very program: ``delegate_intermediate_outputs``),
+        so the values come from the program before lowering, rebuilt with the build's own stages
+        (``stage_adapt`` -> ``stage_quantize`` on the calibrated model and the same calibration
+        images, or ``stage_capture`` at fp32) and run op by op."""
+        from .probe import locate
+
+        size = int(self.manifest["input"]["shape"][2])
+        example = self._torch.zeros(self.batch_size, 3, size, size)
+        recorded = delegate_intermediate_outputs(self.artifact_path, example)
+        if recorded:
+            raise UserError(f"{self.artifact_path.name}: ETDump records {recorded} delegate intermediate outputs, which this "
+                            "version cannot map to the plan's points without the build's ETRecord")
+        if context is None or context.model is None:
+            raise UserError("the ExecuTorch layer-wise comparison rebuilds the program before lowering: it needs the fp32 model")
+        if self.manifest.get("precision") == "int8":
+            if context.plan is None or context.calibration_batches is None:
+                raise UserError("an int8 ExecuTorch bundle's program before lowering is rebuilt from its calibration images: "
+                                "pass --calib-data with the folder the bundle was calibrated on")
+            program = stage_quantize(stage_adapt(context.model), example, context.plan, context.calibration_batches())
+            how = "quantized program before lowering (PT2E, rebuilt from the build's calibration images)"
+        else:
+            program = stage_capture(stage_adapt(context.model), example)
+            how = "program before lowering (torch.export of the adapted model)"
+        module = program.module()
+        ops = fx_graph_ops(module, example)
+        source = (f"{self.description}: ETDump records no intermediate outputs inside the XNNPACK delegate, so the values "
+                  f"come from the {how}, run op by op in PyTorch")
+        return FxProbe(module, locate(points, layers, ops), source)
+
+
+def delegate_intermediate_outputs(pte: Path, example) -> int:
+    """How many intermediate outputs ETDump records inside delegates for one run of ``pte`` (a
+    debug buffer given): the events with a delegate debug id."""
+    import tempfile
+
+    from executorch.devtools.etdump.serialize import deserialize_from_etdump_flatcc
+    from executorch.runtime import Runtime
+
+    loaded = Runtime.get().load_program(str(pte), enable_etdump=True, debug_buffer_size=64 << 20)
+    loaded.load_method("forward").execute([example])
+    with tempfile.TemporaryDirectory() as tmp:
+        etdump = Path(tmp) / "run.etdp"
+        loaded.write_etdump_result_to_file(str(etdump), str(etdump) + ".debug")
+        data = deserialize_from_etdump_flatcc(etdump.read_bytes())
+    count = 0
+    for run in data.run_data or []:
+        for event in run.events or []:
+            debug = event.debug_event
+            if debug is not None and ((debug.delegate_debug_id_int is not None and debug.delegate_debug_id_int >= 0) or debug.delegate_debug_id_str):
+                count += 1
+    return count
+
+
+def fx_graph_ops(module, example) -> List[Any]:
+    """``probe.GraphOp`` records of an exported program's FX graph (``ExportedProgram.module()``):
+    ``linear`` / ``conv2d`` of an activation and a constant weight, ``quantize_per_tensor`` and
+    activation ``dequantize_per_tensor`` (with its grid) as epilogues, adds, the rest as other ops.
+    Shapes are read off one run on ``example``."""
+    import torch
+
+    from .probe import GraphOp, Quant
+
+    shapes: Dict[str, tuple] = {}
+
+    class Shapes(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                shapes[n.name] = tuple(out.shape)
+            return out
+
+    with torch.no_grad():
+        Shapes(module).run(example)
+    graph = module.graph
+    active = set()  # nodes that depend on the input
+    weighted = (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
+    ops = []
+
+    def number(arg):
+        if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+            arg = getattr_path(module, arg.target)
+        return float(arg.reshape(())) if isinstance(arg, torch.Tensor) else float(arg)
+
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            active.add(node)
+            continue
+        if node.op != "call_function":
+            continue
+        inputs = [a for a in node.all_input_nodes if a in active]
+        if not inputs:
+            continue
+        active.add(node)
+        g = GraphOp("other", tuple(a.name for a in inputs), node.name, node.name)
+        target = str(node.target)
+        if node.target in weighted and node.args[0] in active and isinstance(node.args[1], torch.fx.Node) and node.args[1] not in active:
+            g.kind, g.weight_shape = "layer", shapes.get(node.args[1].name) or tuple(getattr_path(module, node.args[1].target).shape)
+            g.inputs = (node.args[0].name,)
+        elif node.target == torch.ops.aten.add.Tensor:
+            g.kind = "add" if len(inputs) == 2 else "epilogue"
+        elif "dequantize_per_tensor" in target and node.args[0] in active:
+            g.kind = "epilogue"
+            g.quant = Quant(number(node.args[1]), int(number(node.args[2])), int(node.args[3]), int(node.args[4]))
+        elif "quantize_per_tensor" in target:
+            g.kind = "epilogue"
+        ops.append(g)
+    return ops
+
+
+def getattr_path(module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class FxProbe:
+    """An exported program run node by node, keeping the located nodes' outputs."""
+
+    def __init__(self, module, located, source: str):
+        from .probe import wanted_tensors
+
+        self.module, self.located, self.source = module, located, source
+        self.names = set(wanted_tensors(located))
+
+    def run(self, images: np.ndarray):
+        import torch
+
+        kept: Dict[str, np.ndarray] = {}
+        names = self.names
+
+        class Keep(torch.fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n.name in names:
+                    kept[n.name] = out.detach().float().numpy()
+                return out
+
+        with torch.no_grad():
+            logits = Keep(self.module).run(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        out = {key: kept[loc.tensor] for key, loc in self.located.items() if loc.tensor is not None}
+        out["logits"] = logits.detach().float().numpy()
+        return out, None
+
+    def close(self) -> None:
+        self.module = None
+
 
 PTE_IDENTIFIER = b"ET"  # bytes 4-6 of a .pte: the flatbuffer file identifier "ET" + schema version digits
 _SCALAR_TYPES = {6: "float32", 5: "float16", 7: "float64", 0: "uint8", 1: "int8", 3: "int32", 4: "int64", 15: "bfloat16"}

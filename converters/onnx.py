@@ -522,6 +522,7 @@ class OnnxRuntimeRunner(Runner):
             # for the fusion and keep it.
             opts.add_session_config_entry("session.disable_quant_qdq", "1")
         self._providers = providers or ["CPUExecutionProvider"]
+        self._options = opts  # the probe's instrumented copy runs with the same settings
         try:
             self.session = ort.InferenceSession(str(self.artifact_path), opts, providers=self._providers)
         except Exception as e:  # ORT's own exception types: a verified file can still be a bad model
@@ -549,6 +550,127 @@ class OnnxRuntimeRunner(Runner):
 
     def run(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})[0].astype(np.float32)
+
+    def probe(self, points, layers, context=None):
+        """The points as extra graph outputs of an in-memory copy of the artifact (the bundle is
+        never modified), run by ONNX Runtime with this runner's settings: the real kernels."""
+        import onnx
+
+        from .probe import locate
+
+        model = onnx.load(str(self.artifact_path))
+        located = locate(points, layers, onnx_graph_ops(model.graph))
+        return OnnxProbe(model, located, self._options, self._providers, self.input_name, self.description)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer-wise comparison (crossvit_edge.layerwise): the graph as the point matcher sees it
+
+_WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "DynamicQuantizeMatMul")
+
+
+def onnx_graph_ops(graph) -> List[Any]:
+    """``probe.GraphOp`` records of an ONNX graph, in node order: weighted ops (MatMul / Gemm / Conv
+    / DynamicQuantizeMatMul whose second input is a constant, through DequantizeLinear, Cast or
+    Transpose) with their weight in PyTorch layout, bias adds and activation DequantizeLinear as
+    epilogues (the latter with their grid), two-activation adds, the rest as other ops."""
+    from .probe import INTEGER_RANGES, GraphOp, Quant
+
+    consts = _const_values(graph)
+    producer = _producers(graph)
+    const_like = set(consts)
+    for node in graph.node:  # nodes whose every input is constant compute constants (weight DQ, Transpose, Cast)
+        if node.input and all(not i or i in const_like for i in node.input):
+            const_like.update(node.output)
+
+    def weight(name: str):
+        """(shape, hint) of the constant behind a weight input."""
+        perm = None
+        while name not in consts:
+            node = producer.get(name)
+            if node is None or node.op_type not in ("DequantizeLinear", "Cast", "Transpose"):
+                return None, None
+            if node.op_type == "Transpose":
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            name = node.input[0]
+        shape = tuple(consts[name].shape)
+        if perm is not None:
+            shape = tuple(shape[i] for i in perm) if len(perm) == len(shape) else tuple(reversed(shape))
+        for suffix in (".weight_int8", ".weight"):
+            if name.endswith(suffix):
+                return shape, name[: -len(suffix)]
+        return shape, None
+
+    ops = []
+    for node in graph.node:
+        if node.op_type == "Constant" or not node.output or node.output[0] in const_like:
+            continue
+        acts = tuple(i for i in node.input if i and i not in const_like)
+        op = GraphOp("other", acts, node.output[0], node.name or node.output[0])
+        if node.op_type in _WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in const_like and len(acts) == 1 and node.input[0] == acts[0]:
+            shape, hint = weight(node.input[1])
+            if shape is not None and len(shape) >= 2:
+                if node.op_type == "Gemm":
+                    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+                    shape = shape if trans_b else tuple(reversed(shape))
+                elif node.op_type != "Conv":
+                    shape = tuple(reversed(shape))  # MatMul weights are (in, out)
+                op.kind, op.weight_shape, op.hint = "layer", shape, hint
+        elif node.op_type == "Add":
+            op.kind = "add" if len(acts) == 2 else "epilogue"
+        elif node.op_type == "DequantizeLinear" and len(acts) == 1:
+            zp = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            scale = consts.get(node.input[1])
+            if scale is not None and scale.size == 1:
+                dtype = "uint8" if zp is not None and zp.dtype == np.uint8 else "int8"
+                op.kind = "epilogue"
+                op.quant = Quant(float(scale.reshape(())), int(zp.reshape(())) if zp is not None else 0, *INTEGER_RANGES[dtype])
+        elif node.op_type == "QuantizeLinear" and len(acts) == 1:
+            op.kind = "epilogue"
+        ops.append(op)
+    return ops
+
+
+class OnnxProbe:
+    """An in-memory copy of the artifact with the located tensors as extra graph outputs."""
+
+    def __init__(self, model, located, options, providers, input_name: str, description: str):
+        import onnx
+        import onnxruntime as ort
+
+        from .probe import wanted_tensors
+
+        self.located = located
+        self.input_name = input_name
+        graph = model.graph
+        present = {o.name for o in graph.output}
+        self.outputs = [o.name for o in graph.output]
+        self.tensors = [t for t in wanted_tensors(located) if t not in present] + [t for t in wanted_tensors(located) if t in present]
+        try:
+            inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+        except Exception:  # contrib ops or a graph onnx cannot infer: ORT infers the outputs' types itself
+            inferred = {}
+        for name in self.tensors:
+            if name not in present:
+                graph.output.append(inferred[name] if name in inferred else onnx.helper.make_empty_tensor_value_info(name))
+        try:
+            self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        except Exception as e:
+            raise UserError(f"ONNX Runtime cannot run the artifact with its intermediate tensors as outputs ({brief(str(e), 200)})") from None
+        extra = sum(1 for t in self.tensors if t not in present)
+        self.source = (f"{description}: {extra} intermediate tensors added as graph outputs of an in-memory copy "
+                       "(ONNX Runtime keeps a graph output unfused, which can stop a fusion at that tensor)")
+
+    def run(self, images: np.ndarray):
+        names = self.tensors + [o for o in self.outputs if o not in self.tensors]
+        values = self.session.run(names, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})
+        by_name = dict(zip(names, values))
+        out = {key: np.asarray(by_name[loc.tensor], np.float32) for key, loc in self.located.items() if loc.tensor is not None}
+        out["logits"] = np.asarray(by_name[self.outputs[0]], np.float32)  # the copy's own logits: how much instrumenting changed
+        return out, None
+
+    def close(self) -> None:
+        self.session = None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib-seed", type=int, default=0)
     g.add_argument("--calib-stats", type=Path, help="reuse a calibration_stats.npz instead of running images")
     g.add_argument("--smooth-alpha", type=float, help="fold LayerNorm outliers into the next Linear (alpha in [0,1])")
+    g.add_argument("--float-layers", type=Path, help="file of plan layer names to keep float, one per line "
+                   "(python -m crossvit_edge.debug writes float_layers.txt)")
     g.add_argument("--max-drop", type=float, help="return the most sensitive layers to float until top-1 drops at most this many points")
     p.add_argument("--eval-data", type=Path, help="held-out images for the accuracy check and --max-drop")
     p.add_argument("--eval-samples", type=int, default=200)
@@ -89,6 +91,7 @@ def spec_from_args(args: argparse.Namespace) -> BuildSpec:
         ),
         smoothing_alpha=args.smooth_alpha,
         max_drop=args.max_drop,
+        float_layers=args.float_layers,
         eval_data=args.eval_data,
         eval_samples=args.eval_samples,
         ignore_class_names=args.ignore_class_names,

@@ -420,6 +420,9 @@ def markdown_report(report: Dict[str, Any]) -> str:
             ]) + " |"
         )
     lines.append("")
+    lines.append("Where an artifact disagrees with fp32, `python -m crossvit_edge.debug BUNDLE --data DIR --output DIR` "
+                 "compares it layer by layer and names the layers that lose the most.")
+    lines.append("")
     lines.append("Runners:")
     for r in report["rows"]:
         lines.append(f"- {md_text(r['name'])}: {md_text(r['runner'], 500)}")

@@ -52,6 +52,8 @@ CHECK_ADVICE = {
              "--calib-method (entropy, percentile, mse, minmax) or --smooth-alpha 0.5, or return the most sensitive "
              "layers to float with --max-drop POINTS --eval-data DIR"),
 }
+# every failed check also names the command that finds where the error comes from
+DEBUG_ADVICE = "To see which layer the error comes from: python -m crossvit_edge.debug BUNDLE --data DIR --output DIR"
 
 
 @dataclass
@@ -199,6 +201,8 @@ def stage_calibrate(ctx: ConversionContext) -> None:
     plan_record = {k: record.get(k) for k in ("method", "percentile", "batch_size", "samples", "seed", "images", "image_set_sha256", "data", "stats")}
     plan = build_plan(model, ctx.model_name, amax, plan_record, attention=attention)
     plan.smoothing = smoothing
+    if spec.float_layers is not None:
+        plan = plan_with_float_layers(plan, spec.float_layers)
     if spec.max_drop is not None:
         from crossvit_edge.calibration.sensitivity import mixed_precision
 
@@ -207,6 +211,22 @@ def stage_calibrate(ctx: ConversionContext) -> None:
             raise UserError("--max-drop needs held-out images: pass --eval-data DIR")
         plan = mixed_precision(model, plan, eval_x, eval_y, spec.max_drop)
     ctx.calibration = Calibration(model=model, plan=plan, stats=stats, images=images, settings=record)
+
+
+def plan_with_float_layers(plan, path: Path):
+    """``plan`` with the int8 layers a ``--float-layers`` file names returned to float; a name that
+    is no layer of the plan is refused."""
+    from .errors import brief
+    from .spec import read_float_layers
+
+    names = read_float_layers(path)
+    known = {l.name for l in plan.layers}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UserError(f"--float-layers {brief(str(path), 200)}: {brief(unknown[0], 120)} is not a layer of {plan.model} "
+                        f"({len(unknown)} unknown)")
+    log.info("--float-layers: %d layers kept float", len(names))
+    return plan.with_float(names, "kept float by --float-layers")
 
 
 def load_eval_images(ctx: ConversionContext):
@@ -293,7 +313,7 @@ def judge_check(check: Dict[str, Any], precision: str, max_drop: Optional[float]
         warnings.append(
             f"post-conversion check FAILED for {precision} on {check.get('images')} {check.get('images_source', 'images')}: "
             f"{'; '.join(failures)} (against the fp32 model). Try: {CHECK_ADVICE.get(precision, CHECK_ADVICE['int8'])}. "
-            f"(A random-weight model has near-tied logits, so its agreement says little; judge a trained one.)"
+            f"(A random-weight model has near-tied logits, so its agreement says little; judge a trained one.) {DEBUG_ADVICE}"
         )
     return {"passed": not failures, "thresholds": limits, "failures": failures, "warnings": warnings}
 

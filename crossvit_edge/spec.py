@@ -57,6 +57,7 @@ class BuildSpec:
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     smoothing_alpha: Optional[float] = None  # LayerNorm -> Linear outlier folding; None = off
     max_drop: Optional[float] = None  # accuracy-driven mixed precision (points of top-1 / agreement)
+    float_layers: Optional[Path] = None  # a file of plan layer names kept float (python -m crossvit_edge.debug writes one)
     eval_data: Optional[Path] = None  # held-out images for the accuracy check and sensitivity
     eval_samples: int = 200
     ignore_class_names: bool = False  # score --eval-data by sorted folder order, not by class name
@@ -83,6 +84,8 @@ class BuildSpec:
         if options.get("opset") is not None:
             check_int("--opset", options["opset"], OPSETS[0], OPSETS[1])
         check_int("--bundled-inputs", options.get("bundled_inputs"), 0, MAX_BUNDLED_INPUTS)
+        if self.float_layers is not None:
+            read_float_layers(self.float_layers)
         if self.eval_data is not None and not Path(self.eval_data).is_dir():
             raise UserError(f"evaluation folder not found: {brief(str(self.eval_data), 200)}")
         self.calibration.validate()
@@ -107,7 +110,29 @@ class BuildSpec:
             "calibration": self.calibration.to_dict(),
             "smoothing_alpha": self.smoothing_alpha,
             "max_drop": self.max_drop,
+            "float_layers": read_float_layers(self.float_layers) if self.float_layers else None,
             "eval_data": str(self.eval_data) if self.eval_data else None,
             "ignore_class_names": self.ignore_class_names,
             "options": self.options,
         }
+
+
+MAX_FLOAT_LAYERS_BYTES = 1 << 20
+
+
+def read_float_layers(path: Path) -> list:
+    """The layer names of a ``--float-layers`` file: one per line, ``#`` starts a comment (the
+    file ``python -m crossvit_edge.debug`` writes). Whether they are plan layers is checked once
+    the model is known (``pipeline.stage_calibrate``)."""
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_FLOAT_LAYERS_BYTES:
+            raise UserError(f"--float-layers {brief(str(path), 200)}: not a file of at most {MAX_FLOAT_LAYERS_BYTES >> 20} MiB")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--float-layers {brief(str(path), 200)}: cannot read it ({brief(str(e), 100)})") from None
+    names = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise UserError(f"--float-layers {brief(str(path), 200)}: names no layer")
+    return names

@@ -44,7 +44,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -162,9 +162,37 @@ def describe_network(trt, network) -> Tuple[List[NetLayer], Dict[str, Any]]:
     return layers, tensors
 
 
-def build_engine(onnx_path, options: Dict[str, Any]) -> Tuple[bytes, str, Dict[str, Any]]:
+def mark_network_outputs(network, names) -> Dict[str, str]:
+    """Mark the tensors named ``names`` as network outputs (the layer-wise comparison's points):
+    ``INetworkDefinition.mark_output(tensor)`` (all versions, pyGraph.cpp), tensors found through
+    ``num_layers/get_layer``, ``ILayer.num_outputs/get_output``, ``ITensor.name/is_network_output``
+    (all). Returns each name's status: a tensor the ONNX parser did not create (folded into a
+    constant, or fused at import) cannot be marked and is reported as such."""
+    tensors: Dict[str, Any] = {}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        for j in range(layer.num_outputs):
+            t = layer.get_output(j)
+            if t is not None:
+                tensors[t.name] = t
+    status: Dict[str, str] = {}
+    for name in names:
+        t = tensors.get(name)
+        if t is None:
+            status[name] = "not in the parsed network (folded or fused by TensorRT's ONNX parser)"
+        elif t.is_network_output:
+            status[name] = "marked"
+        else:
+            network.mark_output(t)
+            status[name] = "marked"
+    return status
+
+
+def build_engine(onnx_path, options: Dict[str, Any], mark_outputs: Sequence[str] = ()) -> Tuple[bytes, str, Dict[str, Any]]:
     """Build the serialized engine for ``onnx_path`` with the bundle's TensorRT options (the
     manifest's ``tensorrt`` section); returns (engine bytes, engine-inspector JSON, build report).
+    ``mark_outputs``: tensors to make engine outputs too (``mark_network_outputs``; the report's
+    ``marked_outputs`` says which could be); a marked tensor is kept, not fused through.
 
     Files the options name (calibration cache, timing cache) are resolved inside
     ``options['bundle_dir']`` (default: the ONNX file's folder) by ``bundle_file``."""
@@ -209,11 +237,13 @@ def build_engine(onnx_path, options: Dict[str, Any]) -> Tuple[bytes, str, Dict[s
             errors.append(f"node {e.node()}: {e.desc()}")
         raise UserError(f"TensorRT {trt.__version__} could not parse {onnx_path.name}: {'; '.join(errors[:3]) or 'unknown error'}")
 
+    report: Dict[str, Any] = {}
+    if mark_outputs:
+        report["marked_outputs"] = mark_network_outputs(network, mark_outputs)
     config = builder.create_builder_config()
     # set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes): all (max_workspace_size: 8.x only)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.get("workspace_mib", 1024)) << 20)
 
-    report: Dict[str, Any] = {}
     pinned = 0
     prefix = options.get("fp32_layer_prefix")
     if prefix and not strongly:
@@ -506,20 +536,22 @@ class TensorRTRunner(Runner):
         for name in sorted(onnx_files):
             check_onnx(root, manifest, name, source)
 
-    def __init__(self, bundle_dir, manifest, artifact=None, threads=None):
+    def __init__(self, bundle_dir, manifest, artifact=None, threads=None, engine_bytes: Optional[bytes] = None):
         super().__init__(bundle_dir, manifest, artifact, threads)
         trt_options = manifest.get("tensorrt", {}) or {}
         engine_path = self.artifact_path
         if engine_path.suffix != ".engine":  # the engine is still to be built on the device: the artifact is the ONNX
             engine_path = bundle_file(self.bundle_dir, trt_options, "engine") or engine_path.with_suffix(".engine")
-        if not engine_path.is_file():
+        if engine_bytes is None and not engine_path.is_file():
             raise UserError(
                 f"no TensorRT engine in {self.bundle_dir} ({engine_path.name}): build it on the device "
                 f"(sh {trt_options.get('build_script', 'build_engine.sh')}, or python -m {PROG} {self.bundle_dir} --build ...)"
             )
         from crossvit_edge.artifact_check import read_listed_file
 
-        if "files" in manifest:  # a bundle (the pipeline checks the engine it has just built before any manifest exists)
+        if engine_bytes is not None:  # an engine built here in memory (the layer-wise comparison's, with extra outputs)
+            plan = engine_bytes
+        elif "files" in manifest:  # a bundle (the pipeline checks the engine it has just built before any manifest exists)
             if engine_path.resolve().relative_to(self.bundle_dir.resolve()).as_posix() not in manifest["files"]:
                 raise UserError(f"{engine_path.name} is in the bundle but not listed in its manifest's files (an engine from elsewhere is "
                                 f"not loaded unverified): build it here with python -m {PROG} {self.bundle_dir} --build, which lists it, or, "
@@ -597,6 +629,14 @@ class TensorRTRunner(Runner):
         self.cuda.synchronize()
         return np.array(out_host, dtype=np.float32, copy=True)
 
+    def run_all(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        """Every output of the engine (the logits and any marked tensors) by tensor name."""
+        self.run(images)
+        for host, dev in self.outputs.values():
+            self.cuda.d2h(host, dev)
+        self.cuda.synchronize()
+        return {name: np.array(host, dtype=np.float32, copy=True) for name, (host, _) in self.outputs.items()}
+
     def time(self, images: np.ndarray, warmup: int = 10, runs: int = 100) -> List[float]:
         """Seconds per inference from CUDA events around ``execute_async_v3`` (inputs already on the
         GPU, no host transfers: what trtexec --noDataTransfers reports), after ``warmup`` runs."""
@@ -624,26 +664,79 @@ class TensorRTRunner(Runner):
 # CLI
 
 
-def run_folder(runner: Runner, images, preprocessing) -> np.ndarray:
+def run_folder(runner: Runner, images, preprocessing, fetch=None):
     """Logits for every image of ``images`` (an ``ImageSet``), in its order, through ``runner``'s
     fixed batch size (the last batch is padded by repeating its last image). Preprocessing is the
-    manifest's, in PIL + numpy (``crossvit_edge.preprocess``): no torch."""
+    manifest's, in PIL + numpy (``crossvit_edge.preprocess``): no torch. ``fetch`` (e.g.
+    ``TensorRTRunner.run_all``) returns several arrays by name per batch: then a dict of arrays."""
     b = runner.batch_size
-    outs: List[np.ndarray] = []
+    run = fetch or (lambda chunk: {"": runner.run(chunk)})
+    outs: Dict[str, List[np.ndarray]] = {}
+
+    def keep(chunk, n):
+        for name, value in run(chunk).items():
+            outs.setdefault(name, []).append(np.asarray(value, np.float32)[:n])
+
     pending: List[np.ndarray] = []
     for x in images.batches(preprocessing, b):
         pending.extend(list(x))
         while len(pending) >= b:
             chunk, pending = np.stack(pending[:b]), pending[b:]
-            outs.append(np.asarray(runner.run(chunk), np.float32))
+            keep(chunk, b)
     if pending:
         n = len(pending)
-        chunk = np.stack(pending + [pending[-1]] * (b - n))
-        outs.append(np.asarray(runner.run(chunk), np.float32)[:n])
-    logits = np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
-    if len(logits) != len(images):
-        raise UserError(f"got {len(logits)} results for {len(images)} images")
-    return logits
+        keep(np.stack(pending + [pending[-1]] * (b - n)), n)
+    arrays = {name: np.concatenate(parts) for name, parts in outs.items()}
+    if any(len(a) != len(images) for a in arrays.values()) or not arrays:
+        raise UserError(f"got {min((len(a) for a in arrays.values()), default=0)} results for {len(images)} images")
+    return arrays if fetch else arrays[""]
+
+
+MAX_POINTS_BYTES = 64 << 20
+
+
+def read_points_file(path: Path) -> Dict[str, Dict[str, Any]]:
+    """The points file ``python -m crossvit_edge.debug`` writes for a TensorRT bundle: point key ->
+    where it is in the engine's ONNX (``tensor`` name or null, quantization grid, note)."""
+    from crossvit_edge.bundle import load_json_file
+
+    data = load_json_file(path, f"--points {path}", max_bytes=MAX_POINTS_BYTES)
+    located = data.get("located") if isinstance(data, dict) else None
+    if data.get("format") != "crossvit_edge tensorrt points" or not isinstance(located, dict):
+        raise UserError(f"--points {path}: not a points file of python -m crossvit_edge.debug")
+    for key, entry in located.items():
+        if not isinstance(entry, dict) or not (entry.get("tensor") is None or isinstance(entry.get("tensor"), str)):
+            raise UserError(f"--points {path}: located[{key!r}] needs a tensor name or null")
+    return located
+
+
+def write_intermediates(output: Path, located: Dict[str, Dict[str, Any]], status: Dict[str, str], arrays: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    """Write the marked tensors' values (one row per image, as the results' ``images``) beside the
+    results file as ``<name>.intermediates.npz`` (numpy arrays, no pickle), atomically; returns the
+    results file's ``intermediates`` entry: each point's tensor, status and array name."""
+    import os
+    import tempfile
+
+    output = Path(output)
+    name = f"{output.stem}.intermediates.npz"
+    saved: Dict[str, np.ndarray] = {}
+    points: Dict[str, Any] = {}
+    for i, (key, entry) in enumerate(located.items()):
+        tensor = entry.get("tensor")
+        point = {**entry, "status": status.get(tensor, "not located in the ONNX") if tensor else "not located in the ONNX"}
+        if tensor is not None and tensor in arrays:
+            point["array"] = f"p{i}"
+            saved[f"p{i}"] = np.asarray(arrays[tensor], np.float32)
+        points[key] = point
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **saved)
+        os.replace(tmp, output.parent / name)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return {"file": name, "points": points}
 
 
 def folder_results(bundle: Path, manifest: Dict[str, Any], runner: Runner, images, logits: np.ndarray, seconds: List[float],
@@ -750,6 +843,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--runs", type=int, default=100, help="timed runs (default 100)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--points", type=Path, help="points file from python -m crossvit_edge.debug: build an engine (in memory, the "
+                   "bundle is not changed) with those tensors as extra outputs and write their values beside the results")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -789,10 +884,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         if len(images) == 0:
             raise UserError(f"no images in {args.data}")
         pre = Preprocessing.from_dict(manifest["preprocessing"])
-        in_child(f"bundle {bundle.name}: its engine", lambda: _load_and_run_once(bundle, manifest))
-        runner = TensorRTRunner(bundle, manifest)
+        located = read_points_file(args.points) if args.points else None
+        marked: Dict[str, str] = {}
+        engine_bytes = None
+        if located is not None:  # the layer-wise comparison's engine: the same build with the points as outputs
+            # (built in this process: its bytes stay in memory; the bundle's ONNX passed check_onnx on open)
+            options = {**(manifest.get("tensorrt") or {}), "bundle_dir": str(bundle)}
+            names = [e["tensor"] for e in located.values() if e.get("tensor")]
+            engine_bytes, _, report = build_engine(bundle_file(bundle, options, "onnx"), options, mark_outputs=names)
+            marked = report.get("marked_outputs", {})
+        else:
+            in_child(f"bundle {bundle.name}: its engine", lambda: _load_and_run_once(bundle, manifest))
+        runner = TensorRTRunner(bundle, manifest, engine_bytes=engine_bytes)
+        intermediates = None
         try:
-            logits = run_folder(runner, images, pre)
+            if located is not None:
+                arrays = run_folder(runner, images, pre, fetch=runner.run_all)
+                logits = arrays[runner.output_name]
+                args.output.parent.mkdir(parents=True, exist_ok=True)
+                intermediates = write_intermediates(args.output, located, marked, arrays)
+            else:
+                logits = run_folder(runner, images, pre)
             first = np.stack([pre(images.paths[i % len(images)]) for i in range(runner.batch_size)]).astype(np.float32)
             seconds = runner.time(first, warmup=args.warmup, runs=args.runs)
             result = folder_results(
@@ -801,6 +913,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 timing=f"CUDA events around execute_async_v3 (inputs resident on the GPU, no host copies), {args.runs} runs after {args.warmup} warm-up runs",
                 tensorrt_version=runner.trt.__version__,
                 built_here=build,
+                **({"intermediates": intermediates} if intermediates is not None else {}),
             )
         finally:
             runner.close()
