@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from crossvit_edge import safe_io
 from crossvit_edge.errors import UserError
 
 from .estimators import MAX_BINS, AbsHistogram, compute_amax
@@ -30,7 +29,10 @@ log = logging.getLogger(__name__)
 
 STATS_FILE = "calibration_stats.npz"
 STATS_FORMAT = 1
-MAX_META_BYTES = 64 << 20
+# Bounds on a statistics file (docs/security.md)
+MAX_STATS_BYTES = 256 << 20  # the file, and what its arrays inflate to in all
+MAX_STATS_MEMBERS = 20_000  # arrays in it (two per layer and the metadata)
+MAX_META_BYTES = 4 << 20  # the metadata JSON
 MAX_CHANNELS = 1 << 20  # values in one per-channel max array
 
 
@@ -57,49 +59,66 @@ class CalibrationStatistics:
             arrays[f"chan_{i}"] = v
             meta.setdefault("channels", {})[name] = i
         arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with safe_io.atomic_writer(path) as f:  # a new file renamed into place, 0644 like the rest of the bundle
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> "CalibrationStatistics":
-        """Read a statistics file (untrusted: it may come from another machine). No pickles; the
-        metadata is bounded JSON checked key by key; every array must be a finite, non-negative
-        1-D float array. UserError naming what is wrong otherwise."""
+        """Read a statistics file (untrusted: it may come from another machine). No pickles; a
+        regular file of at most MAX_STATS_BYTES (no FIFO or device); every member is checked in the
+        zip directory (uncompressed size, count) and by its .npy header (dtype: a number of at most
+        8 bytes; 1-D; size) before a byte of it is inflated, and is then read to exactly that size;
+        the metadata is bounded JSON checked key by key; every array is finite and non-negative.
+        UserError naming what is wrong otherwise."""
         from crossvit_edge.bundle import SchemaCheck, parse_json
         from crossvit_edge.errors import brief
 
         source = f"{brief(str(path), 200)}"
         c = SchemaCheck(f"{source}: calibration statistics")
+        used = set()
+
+        def member(z: zipfile.ZipFile, key: str, where: str, max_size: int, kinds: str = "iuf") -> np.ndarray:
+            name = f"{key}.npy"
+            if name in used:  # each member read once: a metadata file cannot make us inflate one a million times
+                c.fail(where, f"array {key!r} is named twice")
+            used.add(name)
+            try:
+                info = z.getinfo(name)
+            except KeyError:
+                c.fail(where, f"array {key!r} is missing")
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    c.fail(where, f"unsupported .npy format version {version}")
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _fortran, dtype = read_header(f)
+                # dtype and size from the header, before the data: '|V2000000000' is one "value" of 2 GB
+                if dtype.kind not in kinds or dtype.itemsize > 8 or dtype.hasobject or len(shape) != 1 or not 1 <= shape[0] <= max_size:
+                    c.fail(where, f"expected a non-empty 1-D numeric array of at most {max_size} values, got {brief(str(dtype), 40)} of shape {brief(str(shape), 40)}")
+                nbytes = shape[0] * dtype.itemsize
+                data = f.read(nbytes + 1)
+            if len(data) != nbytes:
+                c.fail(where, f"array data of {len(data)} bytes does not match its header ({nbytes} bytes)")
+            return np.frombuffer(data, dtype=dtype)
 
         def array(z, key: str, where: str, max_size: int) -> np.ndarray:
-            if key not in z.files:
-                c.fail(where, f"array {key!r} is missing")
-            with z.zip.open(f"{key}.npy") as f:  # the header only: refuse a huge (zip bomb) array before reading it
-                version = np.lib.format.read_magic(f)
-                header = np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
-            if int(np.prod(header[0], dtype=np.float64)) > max_size:
-                c.fail(where, f"array of shape {header[0]} is too large (at most {max_size} values)")
-            a = z[key]
-            if a.dtype.kind not in "iuf" or a.ndim != 1 or not 1 <= a.size <= max_size:
-                c.fail(where, f"expected a non-empty 1-D numeric array, got {a.dtype} of shape {a.shape}")
-            a = a.astype(np.float64)
+            a = member(z, key, where, max_size).astype(np.float64)
             if not np.isfinite(a).all() or (a < 0).any():
                 c.fail(where, "values must be finite and non-negative")
             return a
 
         try:
-            with np.load(path, allow_pickle=False) as z:
-                if not hasattr(z, "files") or "meta" not in z.files:
+            with safe_io.open_regular(path, source, max_bytes=MAX_STATS_BYTES) as fh, zipfile.ZipFile(fh) as z:
+                infos = z.infolist()
+                if len(infos) > MAX_STATS_MEMBERS:
+                    raise UserError(f"{source}: {len(infos)} arrays, more than {MAX_STATS_MEMBERS}")
+                inflated = sum(i.file_size for i in infos)
+                if inflated > MAX_STATS_BYTES:  # a deflate bomb: the directory says what it inflates to, and reads stop there
+                    raise UserError(f"{source}: its arrays inflate to {inflated} bytes, more than {MAX_STATS_BYTES}")
+                if "meta.npy" not in z.namelist():
                     raise UserError(f"{source}: not a calibration statistics file (no metadata)")
-                raw = z["meta"]
-                if raw.dtype != np.uint8 or raw.ndim != 1 or raw.size > MAX_META_BYTES:
+                raw = member(z, "meta", "meta", MAX_META_BYTES, kinds="u")
+                if raw.dtype != np.uint8:
                     c.fail("meta", "expected UTF-8 JSON bytes")
                 meta = parse_json(raw.tobytes(), f"{source}: calibration statistics metadata")
                 if not isinstance(meta, dict):
@@ -125,7 +144,7 @@ class CalibrationStatistics:
                     channels[name] = array(z, f"chan_{index}", f"channels[{brief(name, 80)}]", MAX_CHANNELS).astype(np.float32)
         except UserError:
             raise
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
             raise UserError(f"{source}: not a calibration statistics file ({brief(str(e).splitlines()[0] if str(e) else type(e).__name__, 120)})") from None
         return cls(model, digest, layers, channels, settings)
 

@@ -22,14 +22,17 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, Iterator, List, Optional
 
+from . import safe_io
 from .device_profiles import ONNX_INT8_FORMS
 from .errors import UserError, brief
+from .tsv import unsafe_label_char
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +49,32 @@ MAX_INPUT_SIZE = 4096  # pixels, side of the square model input
 MAX_RESIZE = 8192  # preprocessing's short-side resize, floor(input_size / crop_pct)
 MAX_CLASSES = 1_000_000
 MAX_NAME = 4096  # characters in a path or name from a manifest
+# One static batch of float32 input: what every call pads to (classify pads a single image to the
+# whole batch). 256 MiB holds batch 256 at 240 x 240 or batch 64 at 512 x 512; a manifest within
+# the bounds above could otherwise ask for 4096 x 3 x 4096 x 4096 x 4 bytes = 768 GiB a call.
+MAX_BATCH_INPUT_BYTES = 256 << 20
+# The sum of the sizes a manifest lists: every byte of it is read and hashed before anything loads.
+MAX_BUNDLE_BYTES = 8 << 30
 TARGETS = ("onnx", "tensorrt", "coreml", "executorch")
 PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def batch_input_bytes(batch: int, size: int) -> int:
+    """Bytes of one static batch of float32 (batch, 3, size, size) input."""
+    return batch * 3 * size * size * 4
+
+
+def check_batch_input(batch: int, size: int, where: str) -> None:
+    """Refuse a batch whose float32 input is larger than ``MAX_BATCH_INPUT_BYTES`` (one line)."""
+    if batch_input_bytes(batch, size) > MAX_BATCH_INPUT_BYTES:
+        raise UserError(f"{where}: batch {batch} of 3 x {size} x {size} float32 is {batch_input_bytes(batch, size) >> 20} MiB "
+                        f"of input a call, more than the {MAX_BATCH_INPUT_BYTES >> 20} MiB allowed; use a smaller batch")
+
+
+def sha256_file(path: Path, max_bytes: Optional[int] = None) -> str:
+    """sha256 of a regular file, streamed; with ``max_bytes``, a larger file is refused (one line)
+    and no more than ``max_bytes`` are read."""
+    return safe_io.sha256(path, max_bytes=(1 << 62) if max_bytes is None else max_bytes)
 
 
 def file_hashes(root: Path) -> Dict[str, str]:
@@ -75,25 +94,17 @@ def size_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Atomic JSON write (temporary file + rename)."""
+def write_json(path: Path, data: Any, root: Optional[Path] = None) -> None:
+    """Atomic JSON write (a new temporary file renamed into place: ``safe_io.atomic_writer``, which
+    replaces a symlink already at ``path`` rather than writing through it; ``root``: ``path`` must
+    lie inside it). A full disk or any write error: one-line UserError, ``path`` untouched."""
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise UserError(f"cannot write {brief(str(path), 200)}: {e.strerror or type(e).__name__}") from None
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; bundles are meant to be shared
-    try:
-        with os.fdopen(fd, "w") as f:
-            # allow_nan=False: NaN/Infinity are not JSON, and a NaN in a report means something broke
-            json.dump(data, f, indent=2, sort_keys=False, default=_json_default, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
+        # allow_nan=False: NaN/Infinity are not JSON, and a NaN in a report means something broke
+        text = json.dumps(data, indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n"
     except ValueError as e:
         raise UserError(f"{path.name}: refusing to write a non-finite number (NaN or infinity): {brief(str(e))}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    safe_io.write_bytes(path, text, root=root)
 
 
 def _json_default(obj):
@@ -115,7 +126,8 @@ def _json_default(obj):
 def staged_bundle(output: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``output`` atomically, on any error it is
     deleted and ``output`` is left as it was."""
-    output = Path(output).resolve()
+    # the parent resolved, not the output itself: a symlink at the output is replaced, never followed
+    output = Path(output).absolute().parent.resolve() / Path(output).absolute().name
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.staging-"))
@@ -124,8 +136,8 @@ def staged_bundle(output: Path, overwrite: bool = False) -> Iterator[Path]:
     os.chmod(stage, 0o755)
     try:
         yield stage
-        if output.exists():
-            if not overwrite and (output.is_file() or any(output.iterdir())):
+        if os.path.lexists(output):
+            if not overwrite and (output.is_symlink() or output.is_file() or any(output.iterdir())):
                 raise UserError(f"output {output} exists and is not empty; pass --overwrite to replace it")
             old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
             os.replace(output, old / "previous")
@@ -156,33 +168,22 @@ def write_manifest(bundle_dir: Path, manifest: Dict[str, Any]) -> Dict[str, Any]
 def load_json_file(path: Path, what: str, max_bytes: int = MAX_MANIFEST_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Parse a JSON file that came from elsewhere: a regular file of at most ``max_bytes``, UTF-8,
     standard JSON (no NaN/Infinity), nested at most ``max_depth`` deep. UserError otherwise."""
-    path = Path(path)
-    try:
-        if not path.is_file():
-            raise UserError(f"{what}: not found or not a file")
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise UserError(f"{what}: {size} bytes, more than the {max_bytes} this tool reads")
-        with open(path, "rb") as f:
-            raw = f.read(max_bytes + 1)
-    except OSError as e:
-        raise UserError(f"{what}: cannot read ({e.strerror or type(e).__name__})") from None
-    if len(raw) > max_bytes:
-        raise UserError(f"{what}: more than the {max_bytes} bytes this tool reads")
-    return parse_json(raw, what, max_depth)
+    return parse_json(safe_io.read_bytes(path, what, max_bytes=max_bytes), what, max_depth)
 
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_json(raw: bytes, what: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+def parse_json(raw: bytes, what: str, max_depth: int = MAX_JSON_DEPTH, parse_constant=_reject_constant) -> Any:
+    """Standard JSON from UTF-8 bytes, nested at most ``max_depth`` deep. ``parse_constant``: what
+    NaN and Infinity become (refused by default)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{what}: not UTF-8 text") from None
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=parse_constant)
     except RecursionError:  # CPython's decoder guards its recursion; deeper than the interpreter allows
         raise UserError(f"{what}: JSON nested too deeply (more than {max_depth} levels)") from None
     except ValueError as e:  # JSONDecodeError, NaN/Infinity, integers past Python's digit limit
@@ -383,6 +384,9 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> Dict[str, Any]:
         for i, label in enumerate(labels):
             if not isinstance(label, str) or len(label) > MAX_NAME:
                 c.fail(f"labels[{i}]", f"expected a string, got {brief(label)}")
+            bad = unsafe_label_char(label)
+            if bad:  # a label is printed as a field of classify's lines and of reports (crossvit_edge.tsv)
+                c.fail(f"labels[{i}]", f"contains U+{ord(bad.group()):04X}, a control, line separator or bidi character")
 
     inp = c.obj(data, "input", "input", allowed=("name", "shape", "dtype", "layout"))
     c.value(inp, "name", "input.name", str)
@@ -393,6 +397,10 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> Dict[str, Any]:
     c.integer({"v": shape[1]}, "v", "input.shape[1]", 3, 3)
     size = c.integer({"v": shape[2]}, "v", "input.shape[2]", 1, MAX_INPUT_SIZE)
     c.integer({"v": shape[3]}, "v", "input.shape[3]", size, size)
+    try:
+        check_batch_input(batch, size, "input.shape")
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
     c.choice(inp, "dtype", "input.dtype", ("float32",))
     c.choice(inp, "layout", "input.layout", ("NCHW",), required=False)
     out = c.obj(data, "output", "output", allowed=("name", "shape", "dtype"))
@@ -417,6 +425,7 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> Dict[str, Any]:
     files = c.obj(data, "files", "files")
     if len(files) > MAX_FILES:
         c.fail("files", f"{len(files)} entries, more than {MAX_FILES}")
+    listed = 0
     for rel, entry in files.items():
         where = f"files[{brief(rel, 80)}]"
         c.path({"f": rel}, "f", where)
@@ -424,7 +433,9 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> Dict[str, Any]:
         digest = c.value(entry, "sha256", f"{where}.sha256", str)
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
             c.fail(f"{where}.sha256", f"expected 64 lowercase hex digits, got {brief(digest)}")
-        c.integer(entry, "bytes", f"{where}.bytes", 0, 1 << 50)
+        listed += c.integer(entry, "bytes", f"{where}.bytes", 0, 1 << 50)
+        if listed > MAX_BUNDLE_BYTES:  # every listed byte is hashed at open: bounded work
+            c.fail("files", f"lists more than {MAX_BUNDLE_BYTES >> 30} GiB in all")
     for key, rel in [("artifact.file", art["file"])] + ([("artifact.stand_in.file", stand_in["file"])] if stand_in else []):
         if rel not in files and not any(f.startswith(rel.rstrip("/") + "/") for f in files):
             c.fail(key, f"{brief(rel)} is not listed in 'files' (with its sha256 and size), so it cannot be verified")
@@ -468,24 +479,38 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> Dict[str, Any]:
 
 def verify_files(root: Path, manifest: Dict[str, Any], source: str) -> None:
     """Every file the manifest lists is a regular file inside the bundle with its recorded size and
-    sha256 (size first: cheap); a package-folder artifact has no unlisted files."""
+    sha256. Every size is checked before any file is hashed (cheap first), and each hash streams
+    and reads no more than the listed size (``safe_io.sha256``): the work is bounded by the listed
+    total (``MAX_BUNDLE_BYTES``), whatever is on disk. A FIFO or device node is refused without
+    being opened. A package-folder artifact holds nothing but folders and listed regular files."""
     root = Path(root)
+    paths = {}
     for rel, entry in manifest["files"].items():
-        where = f"files[{brief(rel, 80)}]"
-        p = resolve_in_bundle(root, rel, f"{source}: {where}")
-        if not p.is_file():
-            raise UserError(f"{source}: {where}: listed in the manifest but missing (or not a file)")
-        if p.stat().st_size != entry["bytes"]:
-            raise UserError(f"{source}: {where}: {p.stat().st_size} bytes, the manifest says {entry['bytes']} (modified or corrupt)")
-        if sha256_file(p) != entry["sha256"]:
-            raise UserError(f"{source}: {where}: does not match its sha256 in the manifest (modified or corrupt)")
+        where = f"{source}: files[{brief(rel, 80)}]"
+        p = resolve_in_bundle(root, rel, where)
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise UserError(f"{where}: listed in the manifest but missing") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{where}: listed in the manifest but not a regular file")
+        if st.st_size != entry["bytes"]:
+            raise UserError(f"{where}: {st.st_size} bytes, the manifest says {entry['bytes']} (modified or corrupt)")
+        paths[rel] = p
+    for rel, entry in manifest["files"].items():
+        where = f"{source}: files[{brief(rel, 80)}]"
+        if safe_io.sha256(paths[rel], where, max_bytes=entry["bytes"]) != entry["sha256"]:
+            raise UserError(f"{where}: does not match its sha256 in the manifest (modified or corrupt)")
     art = manifest["artifact"]
     for key, rel in [("artifact.file", art["file"])] + ([("artifact.stand_in.file", art["stand_in"]["file"])] if art.get("stand_in") else []):
         p = resolve_in_bundle(root, rel, f"{source}: {key}")
         if p.is_dir():
             for f in p.rglob("*"):
-                if f.is_symlink() or (f.is_file() and f.relative_to(root.resolve()).as_posix() not in manifest["files"]):
-                    raise UserError(f"{source}: {key}: {brief(f.relative_to(root.resolve()).as_posix())} is in the package but not listed in 'files'")
+                name = brief(f.relative_to(root.resolve()).as_posix())
+                if f.is_symlink() or not (f.is_dir() or f.is_file()):
+                    raise UserError(f"{source}: {key}: {name} in the package is a symlink, FIFO or device, not a file")
+                if f.is_file() and f.relative_to(root.resolve()).as_posix() not in manifest["files"]:
+                    raise UserError(f"{source}: {key}: {name} is in the package but not listed in 'files'")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,12 +22,18 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from . import safe_io
 from .crossvit import CROSSVIT_CONFIGS, CrossViT, filter_ibm_keys, resolve_name
-from .errors import UserError
+from .errors import UserError, brief
 
 log = logging.getLogger(__name__)
 
 _CONTAINER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+# Bounds (docs/security.md): the file, and what a zip-format .pth inflates to in all (torch.save
+# stores its records uncompressed, but a re-zipped file may deflate them): a checkpoint cannot cost
+# more memory than the largest file allowed. crossvit_18_dagger_408 in fp32 is 180 MB.
+MAX_CHECKPOINT_BYTES = 2 << 30
+MAX_CHECKPOINT_RECORDS = 100_000
 
 
 @dataclass
@@ -43,19 +48,12 @@ class LoadedCheckpoint:
 
 def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path, metadata: Optional[Dict[str, str]] = None) -> None:
     """Write a safetensors checkpoint atomically (temporary file, then rename)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp, metadata=metadata or {})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    data = save({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, metadata=metadata or {})
+    safe_io.write_bytes(path, data)  # a new file renamed into place
 
 
 def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -72,11 +70,34 @@ def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, st
         raise UserError(f"cannot read {path}: not a valid safetensors file ({_first_line(e)})") from None
 
 
+def _check_zip_records(f, path: Path) -> None:
+    """A zip-format .pth: the record count and their inflated total, from the zip directory, before
+    torch reads a record (torch checks each record's size against the tensor it makes)."""
+    import zipfile
+
+    is_zip = zipfile.is_zipfile(f)
+    f.seek(0)  # is_zipfile leaves a file object at its end
+    if not is_zip:
+        return  # the legacy format: torch checks each storage's size against the file as it reads
+    try:
+        infos = zipfile.ZipFile(f).infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: corrupt or truncated checkpoint ({_first_line(e)})") from None
+    finally:
+        f.seek(0)
+    inflated = sum(i.file_size for i in infos)
+    if len(infos) > MAX_CHECKPOINT_RECORDS or inflated > MAX_CHECKPOINT_BYTES:
+        raise UserError(f"cannot read {path}: {len(infos)} records inflating to {inflated} bytes, more than "
+                        f"{MAX_CHECKPOINT_RECORDS} or {MAX_CHECKPOINT_BYTES} bytes")
+
+
 def _read_pickle(path: Path) -> Dict[str, torch.Tensor]:
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols; the error says enough
-            warnings.simplefilter("ignore")
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings(), safe_io.open_regular(path, f"checkpoint {brief(str(path), 200)}", max_bytes=MAX_CHECKPOINT_BYTES) as f:
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the error says enough
+            _check_zip_records(f, path)
+            # the file checked is the file read: torch.load gets the open file, not the name
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = _first_line(e)
         if "Weights only load failed" in msg or "Unsupported global" in str(e) or "GLOBAL" in str(e):
@@ -175,10 +196,12 @@ def read_state_dict(source) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """(state dict with timm keys, metadata) from a path or an ``hf-hub:`` name."""
     source = str(source)
     path = _download_hub(source) if source.startswith("hf-hub:") else Path(source)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise UserError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise UserError(f"checkpoint is a folder, expected a file: {path}")
+    # a regular file of bounded size: a FIFO or device node is refused without blocking
+    safe_io.check_regular(path, f"checkpoint {brief(str(path), 200)}", max_bytes=MAX_CHECKPOINT_BYTES)
     if path.suffix == ".safetensors":
         sd, meta = _read_safetensors(path)
     else:

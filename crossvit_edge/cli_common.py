@@ -1,7 +1,13 @@
-"""What the CLIs share: logging set-up, turning UserError into one line and exit code 2, SIGTERM
-handled like Ctrl-C, and the checks on output paths that run before any heavy import."""
+"""What the CLIs share: logging set-up, turning UserError into one line and exit code 2, SIGTERM,
+SIGHUP and SIGQUIT handled like Ctrl-C, a full disk reported in one line, and the checks on output
+paths that run before any heavy import.
+
+Exit codes (docs/security.md): 0 success; 2 bad input, or an output that cannot be written (a full
+disk); 130 Ctrl-C (SIGINT); 129 SIGHUP, 131 SIGQUIT, 143 SIGTERM (128 + the signal). On every one
+of them the staging folder of a bundle being built is removed and nothing is left half-written."""
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import shutil
@@ -36,12 +42,24 @@ def quiet_libraries(verbose: bool) -> None:
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like KeyboardInterrupt so that ``finally`` blocks (the
-    staging folder of a bundle) run. A BaseException: ``except Exception`` must not swallow it."""
+    """SIGTERM, SIGHUP or SIGQUIT, raised in the main thread like KeyboardInterrupt so that
+    ``finally`` blocks (the staging folder of a bundle) run. A BaseException: ``except Exception``
+    must not swallow it. ``signum``: which signal."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _raise_terminated(signum, frame):
-    raise Terminated()
+    raise Terminated(signum)
+
+
+# Signals that end a CLI cleanly (the terminal closing, Ctrl-\, kill): 128 + the signal number.
+# SIGQUIT would otherwise dump core and leave the staging folder; SIGHUP would leave it too.
+TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name))
+# A write that fails for want of space: a full disk, a quota, a file-size limit (RLIMIT_FSIZE)
+NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 # The modules of the pip extra "convert" (pyproject.toml), by import name -> distribution name.
@@ -60,27 +78,36 @@ def require_convert_extra() -> None:
 
 
 def run_cli(prog: str, body: Callable[[], int]) -> int:
-    """Run ``body``; a UserError (bad input) becomes ``prog: error: message`` and exit 2; Ctrl-C
-    exits 130 and SIGTERM 143 (128 + signal), both after cleaning up."""
-    previous = None
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread (an embedding app): leave signals alone
-        pass
+    """Run ``body``; a UserError (bad input) becomes ``prog: error: message`` and exit 2, and so
+    does a write that fails for want of space (wherever a library raised it); Ctrl-C exits 130,
+    SIGTERM/SIGHUP/SIGQUIT 128 + the signal, all after cleaning up."""
+    previous = {}
+    for signum in TERMINATING_SIGNALS:
+        try:
+            previous[signum] = signal.signal(signum, _raise_terminated)
+        except ValueError:  # not the main thread (an embedding app): leave signals alone
+            break
     try:
         return body()
     except UserError as e:
         print(f"{prog}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in NO_SPACE_ERRNOS:
+            raise
+        where = f" {brief(str(e.filename), 200)}" if e.filename else ""
+        print(f"{prog}: error: cannot write{where}: {e.strerror or errno.errorcode.get(e.errno, 'no space')} "
+              f"(nothing was left half-written)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print(f"{prog}: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except Terminated as e:
+        print(f"{prog}: terminated ({signal.Signals(e.signum).name})", file=sys.stderr)
+        return 128 + e.signum
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def one_line(text: str, limit: int = 2000) -> str:

@@ -73,8 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         require_convert_extra()
         from .data import write_digits_imagefolder
         from .device_profiles import load_profile
-        from .harness import ProfileSettings, markdown_report, plot_report, profile_bundles
-        from .bundle import write_json
+        from .harness import ProfileSettings, profile_bundles, write_report
         from .checkpoint import load_checkpoint
         from .data import open_image_set
         from .pipeline import convert
@@ -124,10 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             bundles, images, Preprocessing(ckpt.model.config.img_size, ckpt.model.config.crop_pct), ckpt.model,
             settings,
         )
-        write_json(args.output / "report.json", report)
-        md = markdown_report(report)
-        (args.output / "report.md").write_text(md)
-        plot_report(report, args.output / "report.png")
+        md = write_report(report, args.output)
         print()
         print(md)
         print(f"report: {args.output / 'report.md'} (and report.json, report.png)")

@@ -13,10 +13,12 @@ Torch-free (the Jetson-side tools read profiles too).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from . import safe_io
 from .errors import UserError, brief
 
 # crossvit_edge/profiles links to the top-level profiles/ folder; installed, it is package data
@@ -167,24 +169,26 @@ def parse_profile(data: Any, source: str) -> DeviceProfile:
 def load_profile(name_or_path: str) -> DeviceProfile:
     """A profile by name (``profiles/<name>.yaml``) or by path to a YAML file."""
     path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+    if not (path.suffix in (".yaml", ".yml") and os.path.lexists(path)):  # a FIFO named x.yaml: refused below, not blocked on
         path = PROFILE_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
-            raise UserError(f"unknown profile {name_or_path!r}; known: {', '.join(list_profiles())} (or a path to a .yaml)")
-    try:
-        if path.stat().st_size > MAX_PROFILE_BYTES:
-            raise UserError(f"profile {path}: larger than {MAX_PROFILE_BYTES} bytes")
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise UserError(f"profile {path}: cannot read ({e.strerror or type(e).__name__})") from None
+            raise UserError(f"unknown profile {brief(name_or_path, 200)}; known: {', '.join(list_profiles())} (or a path to a .yaml)")
+    label = f"profile {brief(str(path), 200)}"
+    try:  # a regular file of bounded size: a FIFO or device node is refused without blocking
+        text = safe_io.read_bytes(path, label, max_bytes=MAX_PROFILE_BYTES).decode("utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"profile {path}: not UTF-8 text") from None
+        raise UserError(f"{label}: not UTF-8 text") from None
     import yaml  # here, not at the top: the torch-free runtime install has no PyYAML (the 'convert' extra)
 
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise UserError(f"profile {path}: not valid YAML ({brief(str(e).splitlines()[0] if str(e) else type(e).__name__, 200)})") from None
+        raise UserError(f"{label}: not valid YAML ({brief(str(e).splitlines()[0] if str(e) else type(e).__name__, 200)})") from None
     except RecursionError:
-        raise UserError(f"profile {path}: YAML nested too deeply") from None
+        raise UserError(f"{label}: YAML nested too deeply") from None
+    except Exception as e:  # noqa: BLE001 - safe_load builds only plain values; any failure to build one is the file's
+        # a value safe_load parses but cannot construct: a 5000-digit integer (Python's digit
+        # limit), an impossible date (2023-02-30), a bad explicit tag (!!float x, !!timestamp x)
+        detail = str(e).splitlines()[0][:120] if str(e) else ""
+        raise UserError(f"{label}: a value cannot be constructed ({type(e).__name__}: {detail})") from None
     return parse_profile(data, str(path))

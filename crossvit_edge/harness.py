@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 from tqdm import tqdm
 
-from .bundle import TARGETS, Bundle, SchemaCheck, check_relative_name, load_json_file, open_bundle
+from . import safe_io
+from .bundle import TARGETS, Bundle, SchemaCheck, check_relative_name, open_bundle, parse_json
 from .cli_common import check_int
 from .data import ImageSet
 from .errors import UserError, brief
@@ -280,15 +281,108 @@ def _merged_row(result: Dict[str, Any], images: ImageSet, ref_logits: np.ndarray
 # --------------------------------------------------------------------------------------------------
 # Results files (--merge): untrusted, validated before any profiling work
 
-MAX_RESULTS_BYTES = 2 << 30
+# Bounds (docs/security.md): parsed as JSON, a file of numbers becomes ~16 times its size in
+# Python lists; here the logits rows go straight into one float32 buffer instead, so the peak is
+# about the file's size plus 4 bytes a logit, and the rest of the document is bounded in tokens.
+MAX_RESULTS_BYTES = 1 << 30
+MAX_RESULTS_VALUES = 64 << 20  # logits in all (256 MiB as float32; ImageNet-val x 1000 classes is 50M)
+MAX_RESULTS_ROWS = 1_000_000  # number rows (images)
+MAX_RESULTS_TOKENS = 4_000_000  # strings, brackets and commas outside the number rows
+MAX_RESULTS_OTHER_BYTES = 256 << 20  # the document once its number rows are cut out (image names...)
 MAX_TEXT = 1000  # characters in a results file's descriptive strings
 LATENCY_KEYS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput_ips")
 
+# One pass over the raw bytes: a JSON string (skipped whole, so nothing inside it is mistaken for
+# structure), a candidate row of numbers, a NaN/Infinity token (not JSON: refused), or a bracket
+# or comma (counted). Linear time: a string always matches (an unterminated one runs to the end,
+# and JSON then refuses it), and a row's first digit splits it without backtracking.
+_RESULTS_TOKEN = re.compile(rb'"(?:[^"\\]|\\[\s\S]?)*"?|\[[ \t\n\r,.eE+\-]*[0-9][0-9eE.+\- \t\n\r,]*\]|NaN|Infinity|[\[{,]')
+
+
+class NumberRow:
+    """A row of numbers of a results file, parsed into ``RowBuffer`` (its place in the JSON tree)."""
+
+    __slots__ = ("buffer", "offset", "count")
+
+    def __init__(self, buffer: "RowBuffer", offset: int, count: int):
+        self.buffer, self.offset, self.count = buffer, offset, count
+
+
+class RowBuffer:
+    """The float32 values of every number row, back to back."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.values = 0
+
+    def add(self, row: List[float]) -> NumberRow:
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused by validate_results
+            self.data += np.asarray(row, dtype=np.float64).astype(np.float32).tobytes()
+        r = NumberRow(self, self.values, len(row))
+        self.values += len(row)
+        return r
+
+    @staticmethod
+    def stack(rows: List[NumberRow]) -> Optional[np.ndarray]:
+        """(len(rows), n) float32 from rows of equal length n (a view when they lie in order), or
+        None when the lengths differ."""
+        n = rows[0].count
+        if any(r.count != n for r in rows):
+            return None
+        flat = np.frombuffer(rows[0].buffer.data, dtype=np.float32)
+        if all(r.offset == rows[0].offset + i * n for i, r in enumerate(rows)):
+            return flat[rows[0].offset : rows[0].offset + len(rows) * n].reshape(len(rows), n)
+        return np.stack([flat[r.offset : r.offset + n] for r in rows])
+
+
+def parse_results_json(raw: bytes, source: str) -> Any:
+    """A results file's JSON within a memory bound: every row of numbers (``[1.5, -2, ...]``) is
+    parsed on its own into a ``RowBuffer`` and left in the tree as a ``NumberRow``; the rest is
+    parsed as JSON once the rows are cut out, after its tokens are counted. UserError (one line)
+    past any bound of MAX_RESULTS_*."""
+    import json
+
+    buffer, rows, pieces, tokens, last = RowBuffer(), [], [], 0, 0
+    for m in _RESULTS_TOKEN.finditer(raw):
+        token = m.group()
+        first = token[:1]
+        if first == b"[" and len(token) > 1 and token[-1:] == b"]":
+            count = token.count(b",") + 1
+            if buffer.values + count > MAX_RESULTS_VALUES or len(rows) >= MAX_RESULTS_ROWS:
+                raise UserError(f"{source}: more than {MAX_RESULTS_VALUES} logits or {MAX_RESULTS_ROWS} rows")
+            try:
+                values = json.loads(token)  # strict JSON numbers, or an error
+                rows.append(buffer.add(values))
+            except (ValueError, TypeError, OverflowError):
+                raise UserError(f"{source}: not valid JSON (a row of numbers at byte {m.start()})") from None
+            pieces += [raw[last : m.start()], b"NaN"]  # a placeholder only this parser writes
+            last = m.end()
+            continue
+        if first in (b"N", b"I"):
+            raise UserError(f"{source}: not valid JSON ({token.decode()} is not a JSON number)")
+        tokens += 1
+        if tokens > MAX_RESULTS_TOKENS:
+            raise UserError(f"{source}: more than {MAX_RESULTS_TOKENS} JSON values besides the logits")
+    pieces.append(raw[last:])
+    other = sum(len(p) for p in pieces)
+    if other > MAX_RESULTS_OTHER_BYTES:
+        raise UserError(f"{source}: {other} bytes besides the logits, more than {MAX_RESULTS_OTHER_BYTES}")
+    skeleton = b"".join(pieces)
+    del pieces
+    placeholders = iter(rows)
+
+    def row(_name: str) -> NumberRow:  # every NaN left is a placeholder: real ones were refused above
+        return next(placeholders)
+
+    return parse_json(skeleton, source, parse_constant=row)
+
 
 def load_results(path: Path, num_classes: Optional[int] = None) -> Dict[str, Any]:
-    """Read and validate a device results file (``--merge``)."""
+    """Read and validate a device results file (``--merge``): a regular file (no FIFO or device)
+    of at most ``MAX_RESULTS_BYTES``, parsed within a memory bound (``parse_results_json``)."""
     source = f"--merge {brief(str(path), 200)}"
-    return validate_results(load_json_file(path, source, max_bytes=MAX_RESULTS_BYTES), source, num_classes)
+    raw = safe_io.read_bytes(path, source, max_bytes=MAX_RESULTS_BYTES)
+    return validate_results(parse_results_json(raw, source), source, num_classes)
 
 
 def validate_results(data: Any, source: str, num_classes: Optional[int] = None) -> Dict[str, Any]:
@@ -311,8 +405,13 @@ def validate_results(data: Any, source: str, num_classes: Optional[int] = None) 
             raise UserError(f"{source}: {e}") from None
     if len(set(images)) != len(images):
         c.fail("images", "lists an image more than once")
-    if isinstance(data.get("logits"), np.ndarray):  # already validated once
-        logits = data["logits"]
+    raw = data.get("logits")
+    if isinstance(raw, np.ndarray):  # already validated once
+        logits = raw
+    elif isinstance(raw, list) and raw and all(isinstance(r, NumberRow) for r in raw):  # parse_results_json's rows
+        logits = RowBuffer.stack(raw)
+        if logits is None:
+            c.fail("logits", "expected a list of equal-length lists of numbers")
     else:
         raw = c.value(data, "logits", "logits", list)
         try:
@@ -326,7 +425,7 @@ def validate_results(data: Any, source: str, num_classes: Optional[int] = None) 
     if num_classes is not None and logits.shape[1] != num_classes:
         c.fail("logits", f"{logits.shape[1]} classes, the fp32 reference has {num_classes}")
     with np.errstate(over="ignore"):
-        logits = logits.astype(np.float32)
+        logits = logits.astype(np.float32, copy=False)
     if not np.isfinite(logits).all():
         c.fail("logits", f"{int((~np.isfinite(logits)).sum())} values are NaN or infinite (or beyond float32)")
     for key in ("bundle", "precision", "runner", "device", "timing", "architecture", "emulator"):
@@ -431,7 +530,26 @@ def markdown_report(report: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_report(report: Dict[str, Any], path: Path) -> None:
+def write_report(report: Dict[str, Any], output: Path) -> str:
+    """report.json, report.md and report.png in ``output``, each a new file renamed into place
+    inside it (``safe_io``: a symlink or a file already there is replaced, never written through; a
+    full disk leaves each as it was). Returns the Markdown."""
+    import io
+
+    from .bundle import write_json
+
+    output = Path(output)
+    write_json(output / "report.json", report, root=output)
+    md = markdown_report(report)
+    safe_io.write_bytes(output / "report.md", md, root=output)
+    png = io.BytesIO()
+    plot_report(report, png)
+    safe_io.write_bytes(output / "report.png", png.getvalue(), root=output)
+    return md
+
+
+def plot_report(report: Dict[str, Any], path) -> None:
+    """The accuracy-latency plot as PNG, to ``path`` (a file name or a binary file object)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -451,5 +569,5 @@ def plot_report(report: Dict[str, Any], path: Path) -> None:
     ax.set_title(f"accuracy vs latency, {report['images']['count']} images")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)

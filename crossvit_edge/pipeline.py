@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .bundle import size_bytes, staged_bundle, write_json, write_manifest
+from .bundle import check_batch_input, size_bytes, staged_bundle, write_json, write_manifest
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .data import ImageSet, open_image_set
 from .errors import UserError
@@ -129,6 +129,7 @@ def get_converter(target: str):
 
 def stage_load(spec: BuildSpec) -> ConversionContext:
     ckpt = load_checkpoint(spec.checkpoint, model_name=spec.model)
+    check_batch_input(spec.batch_size, ckpt.model.config.img_size, "--batch-size")  # what every open of the bundle allows
     pre = Preprocessing(input_size=ckpt.model.config.img_size, crop_pct=ckpt.model.config.crop_pct)
     torch.set_grad_enabled(False)
     return ConversionContext(spec=spec, checkpoint=ckpt, preprocessing=pre, eval_images=open_eval_images(spec, ckpt))

@@ -45,10 +45,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         require_convert_extra()
         # Everything untrusted (bundles, results files, images) and every flag is checked here,
         # torch-free, before the checkpoint loads and before any profiling work.
-        from .bundle import open_bundle, write_json
+        from .bundle import open_bundle
         from .data import open_image_set
         from .errors import UserError
-        from .harness import ProfileSettings, check_results_images, load_results, markdown_report, plot_report, profile_bundles
+        from .harness import ProfileSettings, check_results_images, load_results, profile_bundles, write_report
 
         settings = ProfileSettings(warmup=args.warmup, runs=args.runs, threads=args.threads, reference_device=args.reference_device,
                                    checker_samples=args.checker_samples)
@@ -96,10 +96,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         images = images.with_class_names(None if args.ignore_class_names else labels, ckpt.num_classes, "--ignore-class-names")
         pre = bundles[0].preprocessing if bundles else Preprocessing(ckpt.model.config.img_size, ckpt.model.config.crop_pct)
         report = profile_bundles(bundles, images, pre, ckpt.model, settings, merged)
-        write_json(args.output / "report.json", report)
-        md = markdown_report(report)
-        (args.output / "report.md").write_text(md, encoding="utf-8")
-        plot_report(report, args.output / "report.png")
+        md = write_report(report, args.output)
         print(md)
         print(f"wrote {args.output / 'report.json'}, report.md, report.png")
         return 0

@@ -248,6 +248,105 @@ def test_cpp_bad_input_is_one_line_and_exit_2(app, int8_bundle, digits_dir, tmp_
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, (flags, done.stderr)
 
 
+def _one_line_refusal(done, name: str, expect: str) -> None:
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("crossvit_classify: error:"), (name, done.returncode, done.stderr)
+    assert expect in lines[0], (name, lines[0])
+    assert done.stdout == "", name
+
+
+def test_cpp_bounds_labels_and_files(app, int8_bundle, digits_dir, tmp_path):
+    """The second round of untrusted-input cases (docs/security.md) reach the C++ example too: the
+    batch x input bound, the listed total, labels with C1 controls, separators or bidi controls,
+    FIFOs and sparse giants as images or manifests. One line, exit 2, never a block."""
+    image = next((digits_dir / "val" / "3").iterdir())
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+
+    def labels(bad):
+        return lambda m, o: m.update(labels=[bad] + [str(i) for i in range(1, 10)])
+
+    def batch(b, size):
+        def edit(m, o):
+            m["input"]["shape"] = [b, 3, size, size]
+            m["output"]["shape"] = [b, 10]
+            m["preprocessing"].update(input_size=size, crop_pct=1.0, resize_short_side=size)
+        return edit
+
+    def terabyte(m, o):
+        with open(o / "big.bin", "wb") as f:
+            f.truncate(1 << 40)
+        m["files"]["big.bin"] = {"sha256": "0" * 64, "bytes": 1 << 40}
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    giant = tmp_path / "giant.png"
+    with open(giant, "wb") as f:
+        f.write(image.read_bytes())
+        f.truncate(1 << 40)
+
+    fifo_bundle = _copy_bundle(int8_bundle, bundles, None)
+    (fifo_bundle / "manifest.json").unlink()
+    os.mkfifo(fifo_bundle / "manifest.json")
+    cases = {
+        "batch 256 at 512 x 512": (_copy_bundle(int8_bundle, bundles, batch(256, 512)), [image], "768 MiB of input a call"),
+        "batch 4096 at 4096 x 4096": (_copy_bundle(int8_bundle, bundles, batch(4096, 4096)), [image], "786432 MiB of input a call"),
+        "a listed terabyte": (_copy_bundle(int8_bundle, bundles, terabyte), [image], "lists more than 8 GiB in all"),
+        "label with CSI": (_copy_bundle(int8_bundle, bundles, labels("a\u009b31m")), [image], "labels[0]: contains U+009B"),
+        "label with NEL": (_copy_bundle(int8_bundle, bundles, labels("a\x85")), [image], "U+0085"),
+        "label with U+2028": (_copy_bundle(int8_bundle, bundles, labels("a\u2028b")), [image], "U+2028"),
+        "label with RLO": (_copy_bundle(int8_bundle, bundles, labels("a\u202eb")), [image], "U+202E"),
+        "label with DEL": (_copy_bundle(int8_bundle, bundles, labels("a\x7f")), [image], "U+007F"),
+        "image that is a FIFO": (int8_bundle, [fifo], "pipe.png"),
+        "image that is a sparse terabyte": (int8_bundle, [giant], "bytes, more than the 268435456"),
+        "manifest that is a FIFO": (fifo_bundle, [image], "no manifest.json"),
+    }
+    for name, (bundle, args, expect) in cases.items():
+        t = time.time()
+        _one_line_refusal(run_app(app, bundle, *args, check=False), name, expect)
+        assert time.time() - t < 30, name
+    # a label with a backslash or printable Unicode is fine (and printed escaped)
+    ok = _copy_bundle(int8_bundle, bundles, labels("caf\u00e9\\x"))
+    assert run_app(app, ok, image).stdout.count("\t") == 2
+
+
+def test_cpp_tsv_lines_match_python_byte_for_byte(app, int8_bundle, tmp_path):
+    """The same escaped path fields as ``python -m crossvit_edge.classify`` for names with a
+    newline and tabs, ESC, C1 controls, U+2028, bidi controls, a backslash and bytes that are not
+    UTF-8: one line per image, three fields each."""
+    import sys
+
+    from .test_security_bounds import hostile_folder
+
+    expected = hostile_folder(tmp_path)
+    cpp = subprocess.run([str(app), str(int8_bundle), str(tmp_path / "imgs")], capture_output=True, timeout=600)
+    assert cpp.returncode == 0, cpp.stderr[-2000:]
+    py = subprocess.run([sys.executable, "-m", "crossvit_edge.classify", str(int8_bundle), str(tmp_path / "imgs")], capture_output=True,
+                        timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert py.returncode == 0, py.stderr[-2000:]
+    for out in (cpp.stdout, py.stdout):
+        lines = out.split(b"\n")
+        assert lines[-1] == b"" and len(lines) - 1 == len(expected)
+        assert all(len(line.split(b"\t")) == 3 for line in lines[:-1])
+    paths = lambda out: sorted(line.split(b"\t")[0] for line in out.split(b"\n")[:-1])  # noqa: E731
+    assert paths(cpp.stdout) == paths(py.stdout) == sorted(v.encode() for v in expected.values())
+
+
+def test_cpp_results_file_replaces_a_planted_symlink(app, int8_bundle, digits_dir, tmp_path):
+    """--results naming a symlink to a file elsewhere: the link is replaced by the results file (a
+    new file renamed onto it), the file it pointed at is untouched, no temporary file is left."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").symlink_to(victim)
+    folder = digits_dir / "val" / "3"
+    run_app(app, int8_bundle, folder, "--results", out / "results.json")
+    assert victim.read_text() == "keep"
+    assert not (out / "results.json").is_symlink() and json.loads((out / "results.json").read_text())["images"]
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+
+
 @pytest.mark.slow
 def test_cpp_app_on_the_demo_int8_bundle_over_the_digits_val_split(app, demo_checkpoint, digits_dir, tmp_path):
     """The done-criterion: the demo model's executorch-int8 bundle (converted as the demo does, ~6

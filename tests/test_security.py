@@ -605,8 +605,11 @@ def test_overwrite_replaces_an_existing_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
-def test_sigterm_during_conversion_cleans_up(tmp_path, micro_checkpoint):
-    """Case 20: SIGTERM is handled like Ctrl-C: the staging folder is removed, exit code 143."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP", "SIGQUIT"])
+def test_sigterm_during_conversion_cleans_up(tmp_path, micro_checkpoint, signame):
+    """Case 20: SIGTERM is handled like Ctrl-C: the staging folder is removed, exit code 143; and
+    so are SIGHUP (129) and SIGQUIT (131, no core dump): 128 + the signal, one line."""
+    signum = getattr(signal, signame)
     out = tmp_path / "b"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, str(MICRO_CLI), "crossvit_edge.convert", "--target", "onnx", "--checkpoint", str(micro_checkpoint),
@@ -615,10 +618,10 @@ def test_sigterm_during_conversion_cleans_up(tmp_path, micro_checkpoint):
     while time.time() < deadline and not list(tmp_path.glob(".b.staging-*")) and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None and list(tmp_path.glob(".b.staging-*")), "the conversion never reached its staging folder"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    assert "Traceback" not in err and "terminated" in err
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert "Traceback" not in err and f"terminated ({signame})" in err.strip().splitlines()[-1]
     assert list(tmp_path.iterdir()) == []
 
 

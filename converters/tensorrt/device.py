@@ -48,6 +48,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from crossvit_edge import safe_io
 from crossvit_edge.calibration.trt_cache import parse_cache, parse_version
 from crossvit_edge.converters.base import Runner
 from crossvit_edge.errors import UserError
@@ -303,7 +304,8 @@ def build_engine(onnx_path, options: Dict[str, Any], mark_outputs: Sequence[str]
         raise UserError(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path.name} (see the TensorRT log above)")
     log.info("built the engine in %.1f s", time.time() - t0)
     if timing_path is not None:
-        timing_path.write_bytes(bytes(config.get_timing_cache().serialize()))  # get_timing_cache(), ITimingCache.serialize(): all
+        # get_timing_cache(), ITimingCache.serialize(): all; a new file renamed into place (never through a planted symlink)
+        safe_io.write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
 
     runtime = trt.Runtime(logger)
     if dla:
@@ -782,9 +784,9 @@ def build_bundle_engine(bundle: Path, manifest: Dict[str, Any]) -> Dict[str, Any
     _refuse_overwriting_inputs(bundle, manifest, options, [engine_path, layer_info, bundle_file(bundle, options, "timing_cache")])
     t0 = time.time()
     engine, info, report = build_engine(onnx_path, options)
-    engine_path.write_bytes(engine)
+    safe_io.write_bytes(engine_path, engine)  # new files renamed into place: a symlink there is replaced, not followed
     if layer_info is not None:
-        layer_info.write_text(info)
+        safe_io.write_bytes(layer_info, info)
     _refresh_listed_files(bundle, manifest, [engine_path, layer_info, bundle_file(bundle, options, "timing_cache")])
     return {"build_seconds": round(time.time() - t0, 1), "layer_info": options.get("layer_info"), **report}
 

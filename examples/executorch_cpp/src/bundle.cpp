@@ -1,13 +1,20 @@
 #include "bundle.h"
 
+#include <fcntl.h>
 #include <openssl/evp.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cmath>
-#include <fstream>
+#include <cstdio>
+#include <cstring>
 #include <regex>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
+
+#include "tsv.h"
 
 namespace crossvit {
 namespace fs = std::filesystem;
@@ -26,6 +33,10 @@ constexpr int kMaxClasses = 1000000;
 constexpr size_t kMaxName = 4096;
 constexpr int kSchemaVersion = 2;
 constexpr std::uintmax_t kMaxProgramBytes = std::uintmax_t(4) << 30;
+// One static batch of float32 input, what every call pads to, and the sum of the sizes `files`
+// lists: MAX_BATCH_INPUT_BYTES and MAX_BUNDLE_BYTES of crossvit_edge/bundle.py.
+constexpr long long kMaxBatchInputBytes = 256LL << 20;
+constexpr long long kMaxBundleBytes = 8LL << 30;
 
 [[noreturn]] void fail(const std::string& where, const std::string& message) {
   throw UserError("manifest.json: " + where + ": " + message);
@@ -96,18 +107,6 @@ fs::path file_in_bundle(const fs::path& root, const std::string& rel, const std:
   return resolved;
 }
 
-std::vector<uint8_t> read_file(const fs::path& path, std::uintmax_t max_bytes, const std::string& what) {
-  std::error_code ec;
-  std::uintmax_t size = fs::file_size(path, ec);
-  if (ec) throw UserError(what + ": cannot read (" + ec.message() + ")");
-  if (size > max_bytes) throw UserError(what + ": " + std::to_string(size) + " bytes, more than the " + std::to_string(max_bytes) + " this program reads");
-  std::ifstream in(path, std::ios::binary);
-  std::vector<uint8_t> bytes(size);
-  if (!in || !in.read(reinterpret_cast<char*>(bytes.data()), std::streamsize(size)) || in.peek() != EOF)
-    throw UserError(what + ": cannot read (changed while reading?)");
-  return bytes;
-}
-
 json parse_manifest(const std::vector<uint8_t>& raw) {
   // Depth bound through the parser callback (it reports the depth of every event).
   json::parser_callback_t bounded = [](int depth, json::parse_event_t, json&) {
@@ -122,6 +121,36 @@ json parse_manifest(const std::vector<uint8_t>& raw) {
 }
 
 }  // namespace
+
+std::vector<uint8_t> read_regular_file(const fs::path& path, std::uintmax_t max_bytes, const std::string& what) {
+  // stat first: nothing but a regular file is ever opened (a device node may act on open); then
+  // O_NONBLOCK, so that a FIFO swapped in meanwhile cannot block, and fstat on what was opened
+  struct stat before {};
+  if (::stat(path.c_str(), &before) != 0) throw UserError(what + ": cannot read (" + std::strerror(errno) + ")");
+  if (!S_ISREG(before.st_mode)) throw UserError(what + ": not a regular file (a folder, FIFO or device)");
+  if (std::uintmax_t(before.st_size) > max_bytes)
+    throw UserError(what + ": " + std::to_string(before.st_size) + " bytes, more than the " + std::to_string(max_bytes) + " this program reads");
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) throw UserError(what + ": cannot read (" + std::strerror(errno) + ")");
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_ino != before.st_ino || st.st_dev != before.st_dev) {
+    ::close(fd);
+    throw UserError(what + ": replaced while being opened");
+  }
+  std::vector<uint8_t> bytes(size_t(st.st_size));
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::read(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    done += size_t(n);
+  }
+  char extra;
+  const bool grew = done == bytes.size() && ::read(fd, &extra, 1) > 0;
+  ::close(fd);
+  if (done != bytes.size() || grew) throw UserError(what + ": cannot read (changed while reading?)");
+  return bytes;
+}
 
 std::string sha256_hex(const uint8_t* data, size_t size) {
   unsigned char digest[EVP_MAX_MD_SIZE];
@@ -146,7 +175,7 @@ Bundle open_bundle(const fs::path& bundle_dir) {
   fs::path manifest_path = b.root / "manifest.json";
   if (fs::is_symlink(manifest_path) || !fs::is_regular_file(manifest_path))
     throw UserError("bundle " + bundle_dir.string() + ": not a bundle (no manifest.json file)");
-  const json m = parse_manifest(read_file(manifest_path, kMaxManifestBytes, "manifest.json"));
+  const json m = parse_manifest(read_regular_file(manifest_path, kMaxManifestBytes, "manifest.json"));
   if (!m.is_object()) fail("(top level)", "expected a JSON object");
 
   if (integer(field(m, "schema_version", "schema_version"), "schema_version", 0, 1 << 30) != kSchemaVersion)
@@ -156,15 +185,21 @@ Bundle open_bundle(const fs::path& bundle_dir) {
   b.num_classes = int(integer(field(m, "num_classes", "num_classes"), "num_classes", 1, kMaxClasses));
 
   // labels: num_classes printable strings, or class indices when the manifest has none. A label is
-  // printed as one field of a tab-separated line, so control characters are refused.
+  // printed as one field of a tab-separated line, so control characters (C0 and C1), line
+  // separators and bidi controls are refused, as crossvit_edge/bundle.py refuses them.
   if (m.contains("labels") && !m.at("labels").is_null()) {
     const json& labels = m.at("labels");
     if (!labels.is_array() || labels.size() != size_t(b.num_classes)) fail("labels", "expected num_classes strings");
     for (size_t i = 0; i < labels.size(); ++i) {
       const std::string where = "labels[" + std::to_string(i) + "]";
       if (!labels[i].is_string() || labels[i].get<std::string>().size() > kMaxName) fail(where, "expected a string");
-      for (unsigned char c : labels[i].get<std::string>())
-        if (c < 32 || c == 127) fail(where, "contains a control character");
+      const long bad = first_unsafe_in_label(labels[i].get<std::string>());
+      if (bad == -2) fail(where, "not valid UTF-8");
+      if (bad >= 0) {
+        char code[24];
+        std::snprintf(code, sizeof code, "U+%04lX", bad);
+        fail(where, std::string("contains ") + code + ", a control, line separator or bidi character");
+      }
       b.labels.push_back(labels[i].get<std::string>());
     }
   } else {
@@ -178,6 +213,11 @@ Bundle open_bundle(const fs::path& bundle_dir) {
   integer(shape[1], "input.shape[1]", 3, 3);
   const int size = int(integer(shape[2], "input.shape[2]", 1, kMaxInputSize));
   integer(shape[3], "input.shape[3]", size, size);
+  const long long batch_bytes = 4LL * b.batch_size * 3 * size * size;
+  if (batch_bytes > kMaxBatchInputBytes)
+    fail("input.shape", "batch " + std::to_string(b.batch_size) + " of 3 x " + std::to_string(size) + " x " + std::to_string(size) +
+                            " float32 is " + std::to_string(batch_bytes >> 20) + " MiB of input a call, more than the " +
+                            std::to_string(kMaxBatchInputBytes >> 20) + " MiB allowed");
   choice(input, "dtype", "input.dtype", "float32", true);
   choice(input, "layout", "input.layout", "NCHW", false);
   const json& output = object(m, "output", "output");
@@ -221,13 +261,23 @@ Bundle open_bundle(const fs::path& bundle_dir) {
   b.artifact_file = string_field(artifact, "file", "artifact.file");
   const fs::path program_path = file_in_bundle(b.root, b.artifact_file, "artifact.file");
   const json& files = object(m, "files", "files");
+  long long listed = 0;
+  for (const auto& item : files.items()) {
+    listed += integer(field(item.value(), "bytes", "files[" + item.key() + "].bytes"), "files[" + item.key() + "].bytes", 0, 1LL << 50);
+    if (listed > kMaxBundleBytes) fail("files", "lists more than " + std::to_string(kMaxBundleBytes >> 30) + " GiB in all");
+  }
   if (!files.contains(b.artifact_file)) fail("artifact.file", "\"" + b.artifact_file + "\" is not listed in 'files' (with its sha256 and size), so it cannot be verified");
   const std::string where = "files[" + b.artifact_file + "]";
   const json& entry = object(files, b.artifact_file, where);
   const std::string expected = string_field(entry, "sha256", where + ".sha256");
   if (!std::regex_match(expected, std::regex("[0-9a-f]{64}"))) fail(where + ".sha256", "expected 64 lowercase hex digits");
   const long long expected_bytes = integer(field(entry, "bytes", where + ".bytes"), where + ".bytes", 0, (long long)kMaxProgramBytes);
-  b.program = read_file(program_path, kMaxProgramBytes, "bundle " + b.name + ": " + b.artifact_file);
+  std::error_code size_ec;
+  const std::uintmax_t on_disk = fs::file_size(program_path, size_ec);
+  if (!size_ec && on_disk != std::uintmax_t(expected_bytes))  // the size first: never read more than the manifest lists
+    throw UserError("bundle " + b.name + ": " + where + ": " + std::to_string(on_disk) + " bytes, the manifest says " +
+                    std::to_string(expected_bytes) + " (modified or corrupt)");
+  b.program = read_regular_file(program_path, std::uintmax_t(expected_bytes), "bundle " + b.name + ": " + b.artifact_file);
   if ((long long)b.program.size() != expected_bytes)
     throw UserError("bundle " + b.name + ": " + where + ": " + std::to_string(b.program.size()) + " bytes, the manifest says " +
                     std::to_string(expected_bytes) + " (modified or corrupt)");

@@ -45,4 +45,8 @@ Bundle open_bundle(const std::filesystem::path& bundle_dir);
 
 std::string sha256_hex(const uint8_t* data, size_t size);
 
+// The content of a regular file of at most max_bytes (UserError otherwise, naming `what`): a
+// folder, FIFO or device node is refused without blocking, a larger file before a byte is read.
+std::vector<uint8_t> read_regular_file(const std::filesystem::path& path, std::uintmax_t max_bytes, const std::string& what);
+
 }  // namespace crossvit

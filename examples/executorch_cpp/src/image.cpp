@@ -9,7 +9,6 @@
 #include <csetjmp>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 
 namespace crossvit {
 namespace fs = std::filesystem;
@@ -22,16 +21,9 @@ constexpr std::uintmax_t kMaxImageFileBytes = std::uintmax_t(256) << 20;
 constexpr long long kMaxPixels = 64000000;
 constexpr long long kMaxAspectRatio = 50;
 
-std::vector<uint8_t> read_bytes(const fs::path& path) {
-  std::error_code ec;
-  if (!fs::is_regular_file(path, ec)) throw UserError(path.string() + ": not found or not a file");
-  const std::uintmax_t size = fs::file_size(path, ec);
-  if (ec || size > kMaxImageFileBytes) throw UserError(path.string() + ": cannot read or too large");
-  std::vector<uint8_t> bytes(size);
-  std::ifstream in(path, std::ios::binary);
-  if (!in.read(reinterpret_cast<char*>(bytes.data()), std::streamsize(size))) throw UserError(path.string() + ": cannot read");
-  return bytes;
-}
+// A progressive JPEG decodes its scans one after another; a few kilobytes can hold thousands of
+// them (each a full pass over the image). libjpeg-turbo's own djpeg bounds them (-maxscans): so here.
+constexpr int kMaxJpegScans = 1000;
 
 bool acceptable_size(long long width, long long height) {
   return width >= 1 && height >= 1 && width * height <= kMaxPixels &&
@@ -153,8 +145,18 @@ void jpeg_emit_message(j_common_ptr cinfo, int level) {
   if (level < 0 && error->manager.msg_code == JWRN_JPEG_EOF) error->truncated = true;
 }
 
+void jpeg_bound_scans(j_common_ptr cinfo) {
+  auto* decompress = reinterpret_cast<j_decompress_ptr>(cinfo);
+  if (decompress->input_scan_number > kMaxJpegScans) {
+    auto* error = reinterpret_cast<JpegError*>(cinfo->err);
+    std::snprintf(error->message, sizeof error->message, "more than %d progressive scans", kMaxJpegScans);
+    std::longjmp(error->jump, 1);
+  }
+}
+
 RgbImage decode_jpeg(const fs::path& path, const std::vector<uint8_t>& bytes) {
   jpeg_decompress_struct cinfo;
+  jpeg_progress_mgr progress{};
   JpegError error;
   cinfo.err = jpeg_std_error(&error.manager);
   error.manager.error_exit = jpeg_error_exit;
@@ -167,6 +169,8 @@ RgbImage decode_jpeg(const fs::path& path, const std::vector<uint8_t>& bytes) {
     throw UserError(path.string() + ": not a readable JPEG (" + error.message + ")");
   }
   jpeg_create_decompress(&cinfo);
+  progress.progress_monitor = jpeg_bound_scans;
+  cinfo.progress = &progress;
   jpeg_mem_src(&cinfo, bytes.data(), (unsigned long)bytes.size());
   jpeg_read_header(&cinfo, TRUE);
   if (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK) std::longjmp(error.jump, 1);
@@ -250,7 +254,9 @@ inline uint8_t clip8(int32_t v) {
 }  // namespace
 
 RgbImage decode_image(const fs::path& path) {
-  const std::vector<uint8_t> bytes = read_bytes(path);
+  // a regular file of bounded size (MAX_IMAGE_BYTES of crossvit_edge/preprocess.py): no FIFO,
+  // device node or sparse giant is read
+  const std::vector<uint8_t> bytes = read_regular_file(path, kMaxImageFileBytes, path.string());
   static const uint8_t png_magic[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
   if (bytes.size() >= 8 && std::memcmp(bytes.data(), png_magic, 8) == 0) return decode_png(path, bytes);
   if (bytes.size() >= 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 && bytes[2] == 0xFF) return decode_jpeg(path, bytes);

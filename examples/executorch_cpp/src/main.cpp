@@ -1,7 +1,8 @@
 // crossvit_classify: classify images with a crossvit_edge ExecuTorch bundle, and benchmark it.
 //
 //   crossvit_classify BUNDLE IMAGE_OR_FOLDER... [--top-k K]
-//       one line per image: path<TAB>label<TAB>probability (K label/probability pairs with --top-k)
+//       one line per image: path<TAB>label<TAB>probability (K label/probability pairs with --top-k),
+//       every field escaped as crossvit_edge/tsv.py escapes it (tsv.h)
 //   crossvit_classify BUNDLE FOLDER --results out.json [--data-root DIR] [--bench N] [--warmup W]
 //       also writes the results file `python -m crossvit_edge.profile --merge` reads: every image's
 //       logits (paths relative to DIR, or to FOLDER when it is the only one given) and, with
@@ -32,6 +33,7 @@
 #include "bundle.h"
 #include "image.h"
 #include "results.h"
+#include "tsv.h"
 
 #ifndef CROSSVIT_EXECUTORCH_VERSION
 #define CROSSVIT_EXECUTORCH_VERSION "unknown"
@@ -272,11 +274,12 @@ int run(const Options& o) {
     std::vector<int> order(bundle.num_classes);
     for (int c = 0; c < bundle.num_classes; ++c) order[c] = c;
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return row[a] > row[b]; });
-    std::string line = images[i].string();
+    // every field escaped (tsv.h, the rule of crossvit_edge/tsv.py): a file name cannot forge lines or reach the terminal
+    std::string line = crossvit::tsv_field(images[i].string());
     char probability[32];
     for (size_t j = 0; j < k; ++j) {
       std::snprintf(probability, sizeof probability, "%.6f", p[order[j]] / total);
-      line += "\t" + bundle.labels[order[j]] + "\t" + probability;
+      line += "\t" + crossvit::tsv_field(bundle.labels[order[j]]) + "\t" + probability;
     }
     std::cout << line << "\n";
   }

@@ -1,11 +1,14 @@
 #include "results.h"
 
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/utsname.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <numeric>
@@ -20,6 +23,8 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 namespace {
+
+constexpr std::uintmax_t kMaxNpyBytes = std::uintmax_t(4) << 30;  // --input-npy
 
 // numpy.percentile's default ("linear"): sorted[(n - 1) * q / 100], interpolated.
 double percentile(std::vector<double> sorted, double q) {
@@ -104,13 +109,13 @@ void write_npy(const fs::path& path, const std::vector<float>& data, const std::
 }
 
 std::vector<float> read_npy(const fs::path& path, std::vector<size_t>& shape) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw UserError(path.string() + ": cannot read");
-  char magic[10];
-  if (!in.read(magic, 10) || std::memcmp(magic, "\x93NUMPY\x01\x00", 8) != 0) throw UserError(path.string() + ": not a version 1.0 .npy file");
-  const size_t header_length = uint8_t(magic[8]) | (size_t(uint8_t(magic[9])) << 8);
-  std::string header(header_length, '\0');
-  if (!in.read(header.data(), std::streamsize(header_length))) throw UserError(path.string() + ": truncated .npy header");
+  // a regular file of bounded size, read once (no FIFO or device node; the header cannot ask for
+  // more than the file holds)
+  const std::vector<uint8_t> raw = read_regular_file(path, kMaxNpyBytes, path.string());
+  if (raw.size() < 10 || std::memcmp(raw.data(), "\x93NUMPY\x01\x00", 8) != 0) throw UserError(path.string() + ": not a version 1.0 .npy file");
+  const size_t header_length = raw[8] | (size_t(raw[9]) << 8);
+  if (10 + header_length > raw.size()) throw UserError(path.string() + ": truncated .npy header");
+  const std::string header(reinterpret_cast<const char*>(raw.data()) + 10, header_length);
   std::smatch m;
   if (!std::regex_search(header, m, std::regex("'descr': '<f4', 'fortran_order': False, 'shape': \\(([0-9, ]*)\\)")))
     throw UserError(path.string() + ": expected a C-order float32 (<f4) array");
@@ -125,27 +130,38 @@ std::vector<float> read_npy(const fs::path& path, std::vector<size_t>& shape) {
     count *= shape.back();
     if (count > (size_t(1) << 32)) throw UserError(path.string() + ": array too large");
   }
+  if (raw.size() - 10 - header_length != count * sizeof(float)) throw UserError(path.string() + ": data does not match its header's shape");
   std::vector<float> data(count);
-  if (!in.read(reinterpret_cast<char*>(data.data()), std::streamsize(count * sizeof(float))) || in.peek() != EOF)
-    throw UserError(path.string() + ": data does not match its header's shape");
+  std::memcpy(data.data(), raw.data() + 10 + header_length, count * sizeof(float));
   return data;
 }
 
 void write_text_atomic(const fs::path& path, const std::string& text) {
-  const fs::path temporary = path.string() + ".tmp" + std::to_string(getpid());
-  {
-    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-    if (!out.write(text.data(), std::streamsize(text.size())) || !out.flush()) {
-      std::error_code ignored;
-      fs::remove(temporary, ignored);
-      throw UserError(path.string() + ": cannot write");
+  // A new file (mkstemp: O_CREAT | O_EXCL, a random name) beside `path`, renamed onto it when
+  // complete: a symlink already at `path` is replaced, never written through; a full disk leaves
+  // `path` as it was and no temporary file behind.
+  const fs::path parent = path.has_parent_path() ? path.parent_path() : fs::path(".");
+  std::string temporary = (parent / ("." + path.filename().string() + ".XXXXXX")).string();
+  const int fd = ::mkstemp(temporary.data());
+  if (fd < 0) throw UserError(path.string() + ": cannot write (" + std::strerror(errno) + ")");
+  ::fchmod(fd, 0644);
+  size_t done = 0;
+  int error = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      error = n < 0 ? errno : ENOSPC;
+      break;
     }
+    done += size_t(n);
   }
-  std::error_code ec;
-  fs::rename(temporary, path, ec);
-  if (ec) {
-    fs::remove(temporary, ec);
-    throw UserError(path.string() + ": cannot write (" + ec.message() + ")");
+  if (!error && ::fsync(fd) != 0) error = errno;
+  if (::close(fd) != 0 && !error) error = errno;
+  if (!error && ::rename(temporary.c_str(), path.c_str()) != 0) error = errno;
+  if (error) {
+    ::unlink(temporary.c_str());
+    throw UserError(path.string() + ": cannot write (" + std::strerror(error) + ")");
   }
 }
 
