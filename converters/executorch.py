@@ -32,6 +32,7 @@ graph); most of it is torch.export's decompositions and XNNPACK's graph passes, 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -57,41 +58,80 @@ def _xnn_classes():
 
     from crossvit_edge import crossvit as cv
 
+    # Constants are buffers registered by ``add_constants`` (non-persistent: the state dict is
+    # unchanged), not Python floats: a buffer follows the model's dtype, while a float becomes an fp32
+    # tensor at lowering and, in an fp16 program, a cast on portable kernels in front of the delegate.
+    def constant(module, name, value):
+        module.register_buffer(name, torch.as_tensor(value, dtype=torch.float32).clone(), persistent=False)
+
     class XnnLayerNorm(cv.LayerNorm):
         """LayerNorm from ops XNNPACK delegates: mean and variance as GEMVs with a 1/C row."""
 
+        @staticmethod
+        def add_constants(module):
+            c = module.normalized_shape[-1]
+            constant(module, "mean_row", torch.full((1, c), 1.0 / c))  # a buffer: XNNPACK needs a static GEMM weight
+            constant(module, "eps_value", module.eps)
+
         def forward(self, x):
-            row = self.mean_row  # a buffer, not torch.full: XNNPACK needs a static GEMM weight
+            row = self.mean_row
             centred = x - F.linear(x, row)
             var = F.linear(centred * centred, row)
-            return centred * torch.rsqrt(var + self.eps) * self.weight + self.bias
+            return centred * torch.rsqrt(var + self.eps_value) * self.weight + self.bias
+
+    class XnnFp16GELU(torch.nn.GELU):
+        """GELU for fp16 programs, in ops XNNPACK runs in fp16: ExecuTorch 1.5.1's partitioner keeps
+        fp16 ``gelu`` off XNNPACK (its pinned XNNPACK's fp16 GELU is not trusted, pytorch/executorch
+        #16680), which would leave every GELU on portable kernels between delegate calls. The tanh
+        form, x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)), differs from the exact erf GELU by at
+        most 4.8e-4 (tests/test_executorch.py; largest near x = 2.7, where fp16's spacing is 2e-3)."""
+
+        @staticmethod
+        def add_constants(module):
+            a = 2.0 * math.sqrt(2.0 / math.pi)
+            constant(module, "linear_coeff", a)
+            constant(module, "cubic_coeff", a * 0.044715)
+
+        def forward(self, x):
+            return x * torch.sigmoid(x * (self.linear_coeff + self.cubic_coeff * (x * x)))
 
     def heads(t, b, n, h, d):
         # (b, n, h*d) -> (b*h, n, d): 3-D operands, so matmul lowers to bmm with no expand
         return t.reshape(b, n, h, d).permute(0, 2, 1, 3).reshape(b * h, n, d)
 
-    def attend(q, k, v, scale, b, n_q, h, d):
+    def attend(q, k, v, scale, b, n_q, h, d):  # scale: a 0-d buffer
         attn = torch.softmax(torch.bmm(q * scale, k.transpose(1, 2)), dim=-1)
         return torch.bmm(attn, v).reshape(b, h, n_q, d).permute(0, 2, 1, 3).reshape(b, n_q, h * d)
 
+    def add_scale(module):
+        constant(module, "scale_value", module.scale)
+
     class XnnAttention(cv.Attention):
+        add_constants = staticmethod(add_scale)
+
         def forward(self, x):
             b, n, c = x.shape
             h, d = self.num_heads, self.head_dim
             qkv = self.qkv(x)  # output features are ordered (3, heads, head_dim): slice, don't select
             q, k, v = (heads(qkv[:, :, i * c : (i + 1) * c], b, n, h, d) for i in range(3))
-            return self.proj(attend(q, k, v, self.scale, b, n, h, d))
+            return self.proj(attend(q, k, v, self.scale_value, b, n, h, d))
 
     class XnnCrossAttention(cv.CrossAttention):
+        add_constants = staticmethod(add_scale)
+
         def forward(self, x):
             b, n, c = x.shape
             h, d = self.num_heads, self.head_dim
             q = heads(self.wq(x[:, 0:1]), b, 1, h, d)
             k = heads(self.wk(x), b, n, h, d)
             v = heads(self.wv(x), b, n, h, d)
-            return self.proj(attend(q, k, v, self.scale, b, 1, h, d))
+            return self.proj(attend(q, k, v, self.scale_value, b, 1, h, d))
 
     class XnnCrossViT(cv.CrossViT):
+        @staticmethod
+        def add_constants(module):
+            constant(module, "head_weight", 0.5)  # the mean of the two heads
+
         def resize_branch1(self, x):
             a = self.resize_matrix  # A x A^T as linear(x, A), then linear over the other axis
             return F.linear(F.linear(x, a).transpose(2, 3), a).transpose(2, 3)
@@ -107,26 +147,31 @@ def _xnn_classes():
         def forward(self, x):
             x0, x1 = self.forward_features(x)
             b = x.shape[0]
-            return (self.head[0](x0[:, 0:1].reshape(b, -1)) + self.head[1](x1[:, 0:1].reshape(b, -1))) * 0.5
+            return (self.head[0](x0[:, 0:1].reshape(b, -1)) + self.head[1](x1[:, 0:1].reshape(b, -1))) * self.head_weight
 
-    return {cv.LayerNorm: XnnLayerNorm, cv.Attention: XnnAttention, cv.CrossAttention: XnnCrossAttention, cv.CrossViT: XnnCrossViT}
+    swaps = {cv.LayerNorm: XnnLayerNorm, cv.Attention: XnnAttention, cv.CrossAttention: XnnCrossAttention, cv.CrossViT: XnnCrossViT}
+    return swaps, {**swaps, torch.nn.GELU: XnnFp16GELU}
 
 
-def stage_adapt(model):
-    """A copy of ``model`` whose modules compute the same function in ops XNNPACK delegates."""
-    import torch
+def stage_adapt(model, fp16: bool = False):
+    """A copy of ``model`` whose modules compute the same function in ops XNNPACK delegates.
 
-    from crossvit_edge.crossvit import for_export
+    ``fp16``: the copy in float16 behind float32 input and output (``crossvit.fp16_inside``: the
+    manifest's float32 I/O, which apps and the C++ example feed), with GELU in its tanh form (the
+    only change of function). Everything between the two casts is fp16, LayerNorm and softmax
+    included: ExecuTorch 1.5.1 lowers no dtype conversion to XNNPACK (its partitioner refuses
+    ``_to_copy`` between dtypes, and its ``RemoveRedundantCopyPass`` would drop one as a no-op), so
+    an fp32 island inside the program would be portable kernels between delegate calls. The two
+    boundary casts run on portable kernels in front of and behind the one delegate call."""
+    from crossvit_edge.crossvit import for_export, fp16_inside
 
-    swaps = _xnn_classes()
+    swaps = _xnn_classes()[1 if fp16 else 0]
     adapted = for_export(model)  # a copy; the attention classes are swapped below anyway
     for module in adapted.modules():
         if type(module) in swaps:
             module.__class__ = swaps[type(module)]
-            if isinstance(module, torch.nn.LayerNorm):
-                c = module.normalized_shape[-1]
-                module.register_buffer("mean_row", torch.full((1, c), 1.0 / c), persistent=False)
-    return adapted
+            module.add_constants(module)
+    return fp16_inside(adapted) if fp16 else adapted
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,6 +363,27 @@ def delegation_report(edge) -> Dict[str, Any]:
     return {"delegate_calls": delegated, "portable_ops": dict(sorted(portable.items())), "portable_op_count": int(sum(portable.values()))}
 
 
+def fp16_summary(edge) -> Dict[str, Any]:
+    """What an fp16 program holds, read from its lowered graph: the dtypes of the program's input and
+    output and of the delegate's, and the casts left outside the delegate (input -> fp16, fp16 ->
+    output: ExecuTorch 1.5.1 lowers no dtype conversion to XNNPACK)."""
+    program = edge.exported_program()
+    graph = program.graph
+    nodes = {n.name: n for n in graph.nodes}
+
+    def dtype(node):
+        return str(getattr(node.meta.get("val"), "dtype", "")).replace("torch.", "")
+
+    inputs = [dtype(nodes[name]) for name in program.graph_signature.user_inputs]
+    outputs = [dtype(n) for n in graph.output_node().args[0]]
+    delegates = [n for n in graph.nodes if n.op == "call_function" and "executorch_call_delegate" in str(n.target)]
+    casts = [f"{dtype(n.args[0])} -> {dtype(n)}" for n in graph.nodes
+             if n.op == "call_function" and "_to_dim_order_copy" in str(n.target) and dtype(n.args[0]) != dtype(n)]
+    return {"program_inputs": inputs, "program_outputs": outputs,
+            "delegate_input_dtypes": sorted({dtype(a) for d in delegates for a in d.args[1:] if hasattr(a, "meta")}),
+            "casts_outside_delegate": casts, "gelu": "tanh form (x * sigmoid(1.5958 (x + 0.044715 x^3)))"}
+
+
 def stage_serialize(edge, path: Path) -> Any:
     program = edge.to_executorch()
     tmp = Path(str(path) + ".tmp")
@@ -395,7 +461,7 @@ def write_bundled_program(program, model, inputs: List[np.ndarray], path: Path) 
 
 class ExecuTorchConverter(Converter):
     target = "executorch"
-    precisions = ("fp32", "int8")
+    precisions = ("fp32", "fp16", "int8")
     requires = ("executorch", "torchao")
     extra = "executorch"
 
@@ -416,11 +482,13 @@ class ExecuTorchConverter(Converter):
             report_quant = quantization_summary(exported)
             int8_attention = report_quant["int8_attention_matmuls"] > 0
         else:
-            exported = stage_capture(stage_adapt(ctx.fp32_model), example)
+            exported = stage_capture(stage_adapt(ctx.fp32_model, fp16=ctx.spec.precision == "fp16"), example)
         edge = stage_lower(exported, etrecord=want_etdump, int8_attention=int8_attention)
         report = delegation_report(edge)
         if ctx.spec.precision == "int8":
             report["quantization"] = report_quant
+        if ctx.spec.precision == "fp16":
+            report["fp16"] = fp16_summary(edge)
         stem = f"{ctx.model_name}_{ctx.spec.precision}"
         name = f"{stem}.pte"
         program = stage_serialize(edge, out_dir / name)
@@ -444,6 +512,8 @@ class ExecuTorchConverter(Converter):
             manifest={
                 "executorch": {
                     "backend": "xnnpack",
+                    # what the delegate computes in; the program's input and output stay float32
+                    "compute_dtype": "float16" if ctx.spec.precision == "fp16" else "float32",
                     "int8_attention_matmuls": int8_attention,
                     "delegate_calls": report["delegate_calls"],
                     "portable_ops": report["portable_ops"],

@@ -41,24 +41,6 @@ DEFAULT_OPSET = 17
 # Export
 
 
-class _Fp16Wrapper:
-    """float32 in, float32 out, fp16 inside (LayerNorm/Softmax stay fp32 inside the model)."""
-
-    @staticmethod
-    def wrap(model):
-        import torch
-
-        class Fp16IO(torch.nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, x):
-                return self.inner(x.half()).float()
-
-        return Fp16IO(model.half())
-
-
 def _translation_table():
     """ONNX translations of the Q/DQ custom ops of ``crossvit_edge.calibration.qdq``."""
     import torch
@@ -88,7 +70,9 @@ def export_onnx(model, path: Path, batch_size: int, opset: int = DEFAULT_OPSET, 
     model = copy.deepcopy(model).eval()
     size = model.config.img_size if hasattr(model, "config") else model.inner.config.img_size
     if fp16:
-        model = _Fp16Wrapper.wrap(model)
+        from crossvit_edge.crossvit import fp16_inside
+
+        model = fp16_inside(model)  # float32 in and out (LayerNorm / softmax stay fp32 inside the model)
     example = (torch.zeros(batch_size, 3, size, size),)
     # The exporter writes progress and version-conversion chatter through print and warnings.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -449,6 +449,24 @@ def for_export(model: nn.Module) -> nn.Module:
     return set_export_form(copy.deepcopy(model), True).eval()
 
 
+class Fp16Inside(nn.Module):
+    """float32 in, float32 out, fp16 inside: what apps feed and read (the manifest's input and output
+    are float32) around a model cast to fp16. The ONNX fp16 graph and the ExecuTorch fp16 program
+    are exported from this."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.half()).float()
+
+
+def fp16_inside(model: nn.Module) -> Fp16Inside:
+    """``model`` cast to fp16 (in place) behind float32 input and output."""
+    return Fp16Inside(model.half())
+
+
 def filter_ibm_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Map IBM's four differing keys (``pos_embed.0``, ``cls_token.1``, ...) to timm's."""
     out = {}
