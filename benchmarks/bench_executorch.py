@@ -1,7 +1,7 @@
 """ExecuTorch latency, batch 1, side by side in one run, and where each program spends its time (ETDump).
 
     python benchmarks/bench_executorch.py [--model crossvit_9_240] [--runs 50] [--threads 2]
-                                          [--programs naive,fp32,int8,int8-attn] [--demo]
+                                          [--programs naive,fp32,fp16,int8,int8-attn] [--demo]
 
 Programs (``--programs``, a comma list; all by default), each run through the ExecuTorch runtime
 with the XNNPACK delegate:
@@ -9,6 +9,8 @@ with the XNNPACK delegate:
     naive      the model lowered as written (no ``adapt`` stage: LayerNorm, expand and select fall
                back to portable kernels between delegate calls), fp32
     fp32       our fp32 ``.pte``
+    fp16       our fp16 ``.pte`` (float32 in and out, fp16 inside; the two boundary casts run on
+               portable kernels: ETDump's ``native_call__to_dim_order_copy.out``)
     int8       our int8 ``.pte`` (PT2E, the quantization plan's layers)
     int8-attn  the same plus static int8 attention matmuls (build option ``int8_attention``:
                per-tensor int8 Q, K, V and softmax output, XNNPACK's QS8 batch matmul)
@@ -40,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import cpu_description, workspace  # noqa: E402
 
-PROGRAMS = ("naive", "fp32", "int8", "int8-attn")
-LABELS = {"fp32": "crossvit_edge fp32 .pte", "int8": "crossvit_edge int8 .pte (plan layers)",
+PROGRAMS = ("naive", "fp32", "fp16", "int8", "int8-attn")
+LABELS = {"fp32": "crossvit_edge fp32 .pte", "fp16": "crossvit_edge fp16 .pte", "int8": "crossvit_edge int8 .pte (plan layers)",
           "int8-attn": "crossvit_edge int8 .pte + int8 attention matmuls"}
 
 
@@ -60,6 +62,8 @@ def operator_class(name: str) -> str:
     """What an XNNPACK operator computes in, from its name (``Fully Connected (NC, QS8, QC8W)``):
     int8 (quantized datatypes), float (F32), Q/DQ (``Convert``: float <-> int8), data movement
     (transpose, copy, slice, concatenate: X32 / X8 element types, no arithmetic)."""
+    if name.startswith("native_call_"):
+        return "portable kernels"  # outside the delegate (the fp16 program's boundary casts)
     if name.startswith("Convert"):
         return "Q/DQ conversion"
     if name.startswith("Invalid Unary Op"):
@@ -94,7 +98,7 @@ def etdump_table(profiles: Dict[str, dict]) -> str:
     for n, p in profiles.items():
         for k, v in p["ops_by_kind"].items():
             by_class[n][operator_class(k)] += v["median_ms"]
-    for c in ("int8", "float", "Q/DQ conversion", "data movement"):
+    for c in ("int8", "float", "Q/DQ conversion", "data movement", "portable kernels"):
         cells = [f"{100 * by_class[n][c] / totals[n]:.1f}% ({by_class[n][c]:.2f} ms)" for n in profiles]
         lines.append(f"| **all {c}** | | " + " | ".join(cells) + " |")
     lines.append("| **operator time, ms (Method::execute)** | | " + " | ".join(
@@ -133,10 +137,10 @@ def main():
         ckpt, model = DEMO_CHECKPOINT, load_checkpoint(DEMO_CHECKPOINT).model.eval()
 
     builds, runners = {}, {}
-    for key in ("fp32", "int8", "int8-attn"):
+    for key in ("fp32", "fp16", "int8", "int8-attn"):
         if key not in programs:
             continue
-        precision = "fp32" if key == "fp32" else "int8"
+        precision = key if key in ("fp32", "fp16") else "int8"
         options = {"etdump": True, "etdump_runs": args.etdump_runs}
         if key == "int8-attn":
             options["int8_attention"] = True
@@ -177,6 +181,9 @@ def main():
         for key in ("int8", "int8-attn"):
             if LABELS[key] in medians:
                 print(f"{key} / fp32: {medians[LABELS[key]] / base:.2f}x (target <= 0.5x on a VNNI CPU)")
+        if LABELS["fp16"] in medians:
+            print(f"fp16 / fp32: {medians[LABELS['fp16']] / base:.2f}x (fp16 pays on cores with fp16 arithmetic: asimdhp or "
+                  f"avx512_fp16 in the CPU line above)")
     print("build time: " + ", ".join(f"{k} {v:.0f} s" for k, v in builds.items()) + f" (int8 calibration on {calib_samples} images)")
 
     if args.demo:
@@ -198,7 +205,7 @@ def main():
                 print(f"| {k} | {100 * top1:.2f}% | - | - |")
 
     profiles = {}
-    for key in ("fp32", "int8", "int8-attn"):
+    for key in ("fp32", "fp16", "int8", "int8-attn"):
         if key in programs:
             profiles[key] = json.loads((work / key / "executorch_report.json").read_text())["etdump"]
     if profiles:

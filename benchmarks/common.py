@@ -39,7 +39,9 @@ def workspace(prefix: str, model_name: str, threads: int):
     return work, train_dir, model, ckpt
 
 
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimddp", "i8mm", "sve")
+# fp16: f16c (x86 conversions only), avx512_fp16 (x86 fp16 arithmetic), asimdhp (ARMv8.2-A fp16 arithmetic)
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "f16c", "avx512_fp16", "amx_int8", "amx_bf16",
+         "asimddp", "asimdhp", "i8mm", "sve")
 
 
 def cpu_description() -> str:

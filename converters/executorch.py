@@ -84,7 +84,7 @@ def _xnn_classes():
         fp16 ``gelu`` off XNNPACK (its pinned XNNPACK's fp16 GELU is not trusted, pytorch/executorch
         #16680), which would leave every GELU on portable kernels between delegate calls. The tanh
         form, x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)), differs from the exact erf GELU by at
-        most 4.8e-4 (tests/test_executorch.py; largest near x = 2.7, where fp16's spacing is 2e-3)."""
+        most 4.8e-4 (tests/test_executorch.py; largest near |x| = 2.7, where fp16's spacing is 2e-3)."""
 
         @staticmethod
         def add_constants(module):
@@ -472,6 +472,11 @@ class ExecuTorchConverter(Converter):
 
         check_int("executorch.etdump_runs", spec.option("etdump_runs"), 1, 1000)
         self.check_bool_option(spec, "int8_attention")
+        self.check_bool_option(spec, "fp16_arithmetic")
+        if spec.precision == "fp16" and spec.option("fp16_arithmetic") is False:
+            log.warning("WARNING: --precision fp16 for a device without fp16 arithmetic (executorch.fp16_arithmetic: false): "
+                        "XNNPACK runs it on fp16-storage, fp32-accumulation kernels there, no faster than fp32; "
+                        "build fp32 or int8 for it (docs/executorch_fp16.md)")
 
     def convert(self, ctx, out_dir: Path) -> Artifact:
         example = ctx.example_input()
@@ -566,7 +571,9 @@ class ExecuTorchRunner(Runner):
     def description(self) -> str:
         from importlib.metadata import version
 
-        return f"executorch {version('executorch')} runtime, XNNPACK delegate, CPU"
+        # the manifest's compute dtype was checked against a closed list when the bundle was opened
+        inside = " (fp16 inside)" if (self.manifest.get("executorch") or {}).get("compute_dtype") == "float16" else ""
+        return f"executorch {version('executorch')} runtime, XNNPACK delegate{inside}, CPU"
 
     def run(self, images: np.ndarray) -> np.ndarray:
         out = self._method.execute([self._torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))])

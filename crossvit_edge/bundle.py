@@ -459,6 +459,7 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> Dict[str, Any]:
     et = c.obj(data, "executorch", "executorch", required=False)
     if et is not None:
         c.choice(et, "backend", "executorch.backend", ("xnnpack",), required=False)
+        c.choice(et, "compute_dtype", "executorch.compute_dtype", ("float32", "float16"), required=False)
         for key in ("bundled_program", "etdump"):
             c.path(et, key, f"executorch.{key}", required=False)
     return data

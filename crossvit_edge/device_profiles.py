@@ -58,7 +58,10 @@ _SECTION_SCHEMA: Dict[str, Dict[str, tuple]] = {
         "device": (str, None),
     },
     "executorch": {"backend": (str, ("xnnpack",)), "device": (str, None), "etdump": (bool, None), "etdump_runs": (int, (1, 1000)), "bundled_inputs": (int, (0, 1000)),
-                   "int8_attention": (bool, None)},  # int8: the self-attention matmuls on XNNPACK's QS8 bmm (docs/executorch_int8.md)
+                   "int8_attention": (bool, None),  # int8: the self-attention matmuls on XNNPACK's QS8 bmm (docs/executorch_int8.md)
+                   # the device's cores compute in fp16 (ARMv8.2-A FP16, AVX512-FP16), where XNNPACK's
+                   # fp16 kernels pay; elsewhere they convert to fp32 around every GEMM (docs/executorch_fp16.md)
+                   "fp16_arithmetic": (bool, None)},
 }
 _TOP_SCHEMA = {
     "name": (str, None),

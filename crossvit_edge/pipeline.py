@@ -45,7 +45,8 @@ CHECK_THRESHOLDS: Dict[str, Dict[str, float]] = {
 }
 CHECK_ADVICE = {
     "fp32": "an fp32 artifact should compute the fp32 model's function: this is a converter bug, please report it with the manifest",
-    "fp16": "keep the precision-sensitive ops in fp32 (Core ML: fp32_ops layer_norm,softmax) or build fp32",
+    "fp16": ("keep the precision-sensitive ops in fp32 where the target can (Core ML: fp32_ops layer_norm,softmax; "
+             "ExecuTorch's fp16 program runs them in fp16) or build fp32"),
     "int8-weights": "build fp16, or int8 with calibration",
     "int8": ("calibrate on more, or more representative, images (--calib-data, --calib-samples), try another "
              "--calib-method (entropy, percentile, mse, minmax) or --smooth-alpha 0.5, or return the most sensitive "

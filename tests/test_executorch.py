@@ -1,4 +1,4 @@
-"""ExecuTorch target: the adapt stage against the original model, fp32 and int8 ``.pte`` programs
+"""ExecuTorch target: the adapt stage against the original model, fp32, fp16 and int8 ``.pte`` programs
 run through the real ExecuTorch runtime against the fp32 PyTorch model, delegation, BundledProgram,
 ETDump, and bad input."""
 from __future__ import annotations
@@ -121,6 +121,72 @@ def test_etdump_profiles_the_delegate_per_operator(fp32_bundle):
     assert (frame["event_name"] == "Method::execute").any()
 
 
+def test_fp16_gelu_form_and_adapted_model():
+    """The fp16 adapt stage: GELU's tanh form stays within its documented 4.8e-4 of the exact GELU
+    (float64, the whole range that matters), fp32 and int8 keep the exact GELU, and the fp16 model
+    takes and returns float32 with fp16 parameters and constants inside, close to the fp32 model."""
+    import math
+
+    from crossvit_edge.converters.executorch import _xnn_classes
+
+    x = torch.linspace(-20, 20, 400_001, dtype=torch.float64)
+    form = _xnn_classes()[1][torch.nn.GELU]()
+    form.add_constants(form)
+    err = (form.double()(x) - torch.nn.functional.gelu(x)).abs()
+    assert 4e-4 < err.max().item() <= 4.8e-4 and abs(abs(x[err.argmax()].item()) - 2.7) < 0.1
+    assert math.isclose(form.linear_coeff.item(), 2 * math.sqrt(2 / math.pi), rel_tol=1e-6)
+
+    torch.manual_seed(0)
+    model = create_model("crossvit_tiny_240", num_classes=7).eval()
+    assert not any(type(m).__name__ == "XnnFp16GELU" for m in stage_adapt(model).modules())
+    fp16 = stage_adapt(model, fp16=True)
+    assert {p.dtype for p in fp16.parameters()} == {torch.float16}
+    assert {b.dtype for b in fp16.buffers()} == {torch.float16}  # the constants too: no fp32 scalar left to cast
+    assert sum(type(m).__name__ == "XnnFp16GELU" for m in fp16.modules()) == sum(isinstance(m, torch.nn.GELU) for m in model.modules())
+    assert list(fp16.inner.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 3, 240, 240)
+    with torch.no_grad():
+        ref, got = model(x), fp16(x)
+    assert got.dtype == torch.float32 and row_cosine(got, ref).min() >= 0.999
+    assert not torch.allclose(got, ref, atol=1e-5)  # it is really fp16
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(tmp_path_factory, micro_checkpoint, digits_dir):
+    return _build(tmp_path_factory.mktemp("et16"), micro_checkpoint, "fp16", digits_dir, eval_samples=16, etdump=True)
+
+
+def test_fp16_pte_runs_fp16_in_one_delegate_call(fp16_bundle, micro_checkpoint, digits_dir):
+    """float32 in and out, fp16 inside: one XNNPACK delegate call that holds the whole model in fp16
+    (ETDump names every GEMM, batch matmul, convolution and softmax F16, none F32), the two boundary
+    casts the only ops outside it, and the logits within the fp16 bounds of the fp32 model."""
+    from crossvit_edge.pipeline import CHECK_THRESHOLDS
+
+    manifest = read_manifest(fp16_bundle)
+    assert manifest["precision"] == "fp16" and manifest["input"]["dtype"] == manifest["output"]["dtype"] == "float32"
+    assert manifest["executorch"]["compute_dtype"] == "float16"
+    report = json.loads((fp16_bundle / "executorch_report.json").read_text())
+    assert report["delegate_calls"] == 1 and report["portable_ops"] == {"_to_dim_order_copy.default": 2}, report
+    fp16 = report["fp16"]
+    assert fp16["program_inputs"] == ["float32"] and fp16["program_outputs"] == ["float32"]
+    assert fp16["casts_outside_delegate"] == ["float32 -> float16", "float16 -> float32"]
+    assert fp16["delegate_input_dtypes"] == ["float16"]
+    ops = report["etdump"]["ops_by_kind"]
+    arithmetic = [k for k in ops if k.startswith(("Fully Connected", "Batch Matrix Multiply", "Convolution", "Softmax"))]
+    assert {k.split(" (")[0] for k in arithmetic} == {"Fully Connected", "Batch Matrix Multiply", "Convolution", "Softmax"}
+    assert all("F16" in k and "F32" not in k for k in arithmetic), arithmetic
+    assert [k for k, v in ops.items() if not v["delegated"]] == ["native_call__to_dim_order_copy.out"]
+    check = manifest["accuracy_check"]
+    assert check["passed"] is True and check["thresholds"] == CHECK_THRESHOLDS["fp16"], check
+    x, _ = _images(digits_dir, 8)
+    fp32 = reference_logits(load_checkpoint(micro_checkpoint).model, x)
+    runner = _runner(fp16_bundle)
+    assert "fp16" in runner.description
+    got = run_batched(runner, x)
+    assert got.dtype == np.float32 and row_cosine(got, fp32).min() >= 0.999
+    assert 1e-5 < np.abs(got - fp32).max() <= 0.05  # rounded to fp16 inside, not an fp32 program
+
+
 def test_int8_follows_the_plan(tmp_path, micro_checkpoint, digits_dir):
     """Exactly the plan's layers carry int8 weights; adds, concatenations, LayerNorm and the
     single-token paths stay float (read from the quantized graph), and it is all delegated."""
@@ -163,7 +229,8 @@ def test_int8_attention_follows_the_plan_and_is_off_without_it():
 
 @pytest.mark.parametrize("options, expect", [({"etdump_runs": "5"}, "executorch.etdump_runs must be a whole number in [1, 1000]"),
                                              ({"etdump_runs": 0}, "executorch.etdump_runs"),
-                                             ({"int8_attention": "yes"}, "executorch.int8_attention must be true or false")])
+                                             ({"int8_attention": "yes"}, "executorch.int8_attention must be true or false"),
+                                             ({"fp16_arithmetic": 1}, "executorch.fp16_arithmetic must be true or false")])
 def test_options_from_python_are_checked_like_profile_keys(tmp_path, options, expect):
     """A BuildSpec built in Python skips the profile schema; the converter refuses the same values
     before any work."""
@@ -174,6 +241,23 @@ def test_options_from_python_are_checked_like_profile_keys(tmp_path, options, ex
     with pytest.raises(UserError, match=re.escape(expect)):
         ExecuTorchConverter().validate(BuildSpec(target="executorch", output=tmp_path / "b", options=options))
     ExecuTorchConverter().validate(BuildSpec(target="executorch", output=tmp_path / "b", options={"etdump_runs": 3, "int8_attention": False}))
+
+
+def test_fp16_for_a_device_without_fp16_arithmetic_warns(tmp_path, caplog):
+    """The x86 profile says its cores have no fp16 arithmetic: an fp16 build for it is allowed (it
+    runs, on conversion kernels) but warned about before any work; the ARM profile's is not."""
+    import logging
+
+    from crossvit_edge.converters.executorch import ExecuTorchConverter
+    from crossvit_edge.device_profiles import load_profile
+
+    for name, warned in (("linux-x86-xnnpack", True), ("android-arm64-xnnpack", False)):
+        profile = load_profile(name)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="crossvit_edge.converters.executorch"):
+            ExecuTorchConverter().validate(BuildSpec(target="executorch", output=tmp_path / "b", precision="fp16",
+                                                     profile=profile, options=dict(profile.options)))
+        assert any("fp16_arithmetic: false" in r.getMessage() for r in caplog.records) is warned, (name, caplog.records)
 
 
 def test_int8_attention_matmuls_run_on_xnnpack_integer_kernels(tmp_path, micro_checkpoint, digits_dir):
@@ -237,10 +321,30 @@ def test_demo_model_acceptance_full_val(demo_checkpoint, digits_dir, tmp_path):
     demo_int8_acceptance(demo_checkpoint, digits_dir, build_runner, "pte")
 
 
+@pytest.mark.slow
+def test_demo_model_fp16_full_val(demo_checkpoint, digits_dir, tmp_path):
+    """The fp16 program of the trained demo model on the full digits val split, against the fp32
+    model: within the fp16 bounds (top-1 agreement, mean cosine, top-1 drop) and still one delegate call."""
+    from crossvit_edge.pipeline import CHECK_THRESHOLDS, judge_check
+    from crossvit_edge.metrics import compare_logits
+
+    bundle = _build(tmp_path, demo_checkpoint, "fp16", digits_dir, eval_samples=8)
+    report = json.loads((bundle / "executorch_report.json").read_text())
+    assert report["delegate_calls"] == 1 and report["portable_ops"] == {"_to_dim_order_copy.default": 2}, report
+    x, y = _images(digits_dir)
+    fp32 = reference_logits(load_checkpoint(demo_checkpoint).model, x)
+    got = run_batched(_runner(bundle), x)
+    result = compare_logits(got, fp32, y)
+    verdict = judge_check(result, "fp16")
+    print({k: result[k] for k in ("images", "top1", "reference_top1", "top1_agreement", "cosine", "max_abs_diff")})
+    assert result["images"] == len(y) > 300 and verdict["passed"], (result, verdict)
+    assert verdict["thresholds"] == CHECK_THRESHOLDS["fp16"]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--precision", "fp16"], "does not support --precision fp16"),
+        (["--precision", "int8-weights"], "does not support --precision int8-weights"),
         (["--precision", "int8", "--calib-data", "EMPTY"], "no decodable images in"),
         (["--precision", "int8"], "needs calibration images"),
     ],

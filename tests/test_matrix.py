@@ -58,7 +58,7 @@ def test_cells_follow_the_converters_precisions():
         ("onnx", "fp32"), ("onnx", "fp16"), ("onnx", "int8"),
         ("tensorrt", "fp32"), ("tensorrt", "fp16"), ("tensorrt", "int8"),
         ("coreml", "fp32"), ("coreml", "fp16"), ("coreml", "int8-weights"), ("coreml", "int8"),
-        ("executorch", "fp32"), ("executorch", "int8"),
+        ("executorch", "fp32"), ("executorch", "fp16"), ("executorch", "int8"),
     ]
     assert matrix.cells(["a", "b"], ["executorch"], ["int8"]) == [("a", "executorch", "int8"), ("b", "executorch", "int8")]
 
