@@ -1,5 +1,5 @@
 """The C++ example (examples/executorch_cpp, ``crossvit_classify``), built by the project's own script
-against the installed executorch package and run on an ExecuTorch int8 bundle: the same
+against the installed executorch package and run on an ExecuTorch int8 bundle (and an fp16 one): the same
 preprocessing as the Python runtime (bit for bit), logits within 1e-3 on the same preprocessed
 input, the same top-1, a results file that ``profile --merge`` scores like the executorch row, and
 one-line refusals of bad input and hostile bundles.
@@ -135,6 +135,14 @@ def merged_agreement_matches(bundle: Path, results: Path, val_dir: Path, checkpo
 
 def test_cpp_app_matches_the_python_runtime(app, int8_bundle, digits_dir, tmp_path):
     compare_with_python_runtime(app, int8_bundle, digits_dir / "val", tmp_path)
+
+
+def test_cpp_app_runs_the_fp16_program(app, micro_checkpoint, digits_dir, tmp_path):
+    """The fp16 program keeps the float32 forward() the app checks for (fp16 inside, casts at the
+    boundary): the app runs it as it runs the int8 one, with the Python runtime's numbers."""
+    bundle = _build(tmp_path / "executorch-fp16", micro_checkpoint, digits_dir, precision="fp16", eval_samples=4)
+    assert json.loads((bundle / "manifest.json").read_text())["executorch"]["compute_dtype"] == "float16"
+    compare_with_python_runtime(app, bundle, digits_dir / "val", tmp_path)
 
 
 def test_cpp_results_file_merges_into_a_profile(app, int8_bundle, digits_dir, micro_checkpoint, tmp_path):
