@@ -21,7 +21,7 @@ fp32 and int8 programs (XNNPACK operator names, which carry the datatype: what s
 in an int8 program is read off the names, not guessed). Weights are random (no downloads: latency
 does not depend on their values) unless ``--demo``: then the shipped demo checkpoint
 (crossvit_tiny_240 on digits) is built and every program is also scored on the full digits val
-split (top-1, and top-1 agreement with our fp32 program), the issue's accuracy bounds.
+split (top-1, top-1 agreement and mean logit cosine with our fp32 program), the issue's accuracy bounds.
 """
 from __future__ import annotations
 
@@ -188,6 +188,7 @@ def main():
 
     if args.demo:
         from crossvit_edge.data import open_image_set
+        from crossvit_edge.metrics import compare_logits
         from crossvit_edge.preprocess import Preprocessing
 
         val = open_image_set(train_dir.parent / "val")
@@ -195,14 +196,17 @@ def main():
         logits = {k: run_batched(r, images) for k, r in runners.items()}
         ref = logits.get(LABELS["fp32"])
         print(f"\naccuracy on the full digits val split ({len(labels)} images):\n")
-        print("| program | top-1 | drop vs our fp32 (points) | top-1 agreement with our fp32 |\n|---|---|---|---|")
+        print("| program | top-1 | drop vs our fp32 (points) | top-1 agreement with our fp32 | mean logit cosine with our fp32 |\n"
+              "|---|---|---|---|---|")
         for k, v in logits.items():
             top1 = float((v.argmax(1) == labels).mean())
             if ref is not None:
                 ref_top1 = float((ref.argmax(1) == labels).mean())
-                print(f"| {k} | {100 * top1:.2f}% | {100 * (ref_top1 - top1):.2f} | {100 * float((v.argmax(1) == ref.argmax(1)).mean()):.2f}% |")
+                cosine = compare_logits(v, ref)["cosine"]
+                print(f"| {k} | {100 * top1:.2f}% | {100 * (ref_top1 - top1):.2f} | {100 * float((v.argmax(1) == ref.argmax(1)).mean()):.2f}% "
+                      f"| {cosine:.6f} |")
             else:
-                print(f"| {k} | {100 * top1:.2f}% | - | - |")
+                print(f"| {k} | {100 * top1:.2f}% | - | - | - |")
 
     profiles = {}
     for key in ("fp32", "fp16", "int8", "int8-attn"):

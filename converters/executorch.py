@@ -475,8 +475,8 @@ class ExecuTorchConverter(Converter):
         self.check_bool_option(spec, "fp16_arithmetic")
         if spec.precision == "fp16" and spec.option("fp16_arithmetic") is False:
             log.warning("WARNING: --precision fp16 for a device without fp16 arithmetic (executorch.fp16_arithmetic: false): "
-                        "XNNPACK runs it on fp16-storage, fp32-accumulation kernels there, no faster than fp32; "
-                        "build fp32 or int8 for it (docs/executorch_fp16.md)")
+                        "XNNPACK converts fp16 to fp32 around its GEMMs there (measured slower than fp32 on x86 without "
+                        "AVX512-FP16); build fp32 or int8 for it (docs/executorch_fp16.md)")
 
     def convert(self, ctx, out_dir: Path) -> Artifact:
         example = ctx.example_input()
