@@ -79,6 +79,35 @@ def _xnn_classes():
             var = F.linear(centred * centred, row)
             return centred * torch.rsqrt(var + self.eps_value) * self.weight + self.bias
 
+    class XnnFp16LayerNorm(cv.LayerNorm):
+        """LayerNorm for fp16 programs, rescaled before squaring so that the variance stays in fp16's
+        normal range. On ARMv8.2+ XNNPACK computes fp16 programs in fp16 and flushes subnormals
+        (below 6.1e-5) to zero; XnnLayerNorm's ``mean((x - mean)^2)`` then underflows on rows of small
+        spread (the demo model's CLS token enters the first block with variance 3e-4: squares near 1e-5,
+        a variance of 0 and eps = 1e-6, itself subnormal, gone) and gives inf, then NaN. Measured
+        under qemu, -cpu neoverse-n1 (docs/arm.md). Here the centred row is first divided by
+        ``s = 16 (mean|c| + sqrt(eps))``: ``u = c / s`` has |u| <= C / 16 (no overflow of u^2 below
+        C = 4096) and, unless eps dominates, mean(u^2) near 1/256; ``eps`` enters as
+        ``(sqrt(eps) / s)^2`` (normal). ``u / sqrt(mean(u^2) + eps / s^2)`` is exactly LayerNorm; it
+        costs an abs, a third GEMV, a division and a few elementwise ops per LayerNorm, all in the
+        same XNNPACK delegate call."""
+
+        @staticmethod
+        def add_constants(module):
+            c = module.normalized_shape[-1]
+            constant(module, "mean_row", torch.full((1, c), 1.0 / c))
+            constant(module, "root_eps", math.sqrt(module.eps))
+            constant(module, "spread_factor", 16.0)
+
+        def forward(self, x):
+            row = self.mean_row
+            centred = x - F.linear(x, row)
+            spread = (F.linear(centred.abs(), row) + self.root_eps) * self.spread_factor
+            unit = centred / spread
+            eps = self.root_eps / spread
+            var = F.linear(unit * unit, row)
+            return unit * torch.rsqrt(var + eps * eps) * self.weight + self.bias
+
     class XnnFp16GELU(torch.nn.GELU):
         """GELU for fp16 programs, in ops XNNPACK runs in fp16: ExecuTorch 1.5.1's partitioner keeps
         fp16 ``gelu`` off XNNPACK (its pinned XNNPACK's fp16 GELU is not trusted, pytorch/executorch
@@ -150,7 +179,7 @@ def _xnn_classes():
             return (self.head[0](x0[:, 0:1].reshape(b, -1)) + self.head[1](x1[:, 0:1].reshape(b, -1))) * self.head_weight
 
     swaps = {cv.LayerNorm: XnnLayerNorm, cv.Attention: XnnAttention, cv.CrossAttention: XnnCrossAttention, cv.CrossViT: XnnCrossViT}
-    return swaps, {**swaps, torch.nn.GELU: XnnFp16GELU}
+    return swaps, {**swaps, cv.LayerNorm: XnnFp16LayerNorm, torch.nn.GELU: XnnFp16GELU}
 
 
 def stage_adapt(model, fp16: bool = False):

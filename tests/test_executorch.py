@@ -4,6 +4,7 @@ ETDump, and bad input."""
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import numpy as np
@@ -149,6 +150,46 @@ def test_fp16_gelu_form_and_adapted_model():
         ref, got = model(x), fp16(x)
     assert got.dtype == torch.float32 and row_cosine(got, ref).min() >= 0.999
     assert not torch.allclose(got, ref, atol=1e-5)  # it is really fp16
+
+
+def test_fp16_layer_norm_is_layer_norm_with_its_terms_in_fp16_normal_range():
+    """The fp16 programs' LayerNorm (rescaled before squaring: on ARM XNNPACK flushes fp16
+    subnormals, and the plain form's squares / C underflowed to a variance of 0 on the demo model,
+    docs/arm.md): the same function as LayerNorm over row spreads 1e-4 .. 100 (float64), no NaN on a
+    constant row, and, for rows of spread >= 1e-2 (the demo's CLS token is 0.018), every squared term
+    and the eps term of fp16 normal magnitude (>= 6.1e-5) or contributing < 1e-3 of the variance,
+    where the plain form's terms are subnormal."""
+    from crossvit_edge import crossvit as cv
+    from crossvit_edge.converters.executorch import _xnn_classes
+
+    torch.manual_seed(0)
+    c = 192
+    ref = cv.LayerNorm(c, eps=1e-6).double()
+    torch.nn.init.normal_(ref.weight)
+    torch.nn.init.normal_(ref.bias)
+    form = cv.LayerNorm(c, eps=1e-6).double()
+    form.load_state_dict(ref.state_dict())
+    form.__class__ = _xnn_classes()[1][cv.LayerNorm]
+    form.add_constants(form)
+    form.double()
+    spreads = torch.tensor([1e-4, 1e-3, 1e-2, 0.018, 1.0, 30.0, 100.0], dtype=torch.float64)
+    x = torch.randn(len(spreads), 5, c, dtype=torch.float64) * spreads.reshape(-1, 1, 1)
+    x[0, 0] = 3.0  # a constant row: LayerNorm gives the bias
+    with torch.no_grad():
+        want = torch.nn.functional.layer_norm(x, (c,), ref.weight, ref.bias, 1e-6)
+        got = form(x)
+    # (the 1/C row is an fp32 constant: a constant row's mean is off by ~1e-7, LayerNorm's eps scales it up)
+    assert not got.isnan().any() and (got[0, 0] - ref.bias).abs().max().item() < 1e-3
+    assert (got[:, 1:] - want[:, 1:]).abs().max().item() < 1e-6
+    # the squared terms the variance GEMV sums, for the spreads >= 1e-2
+    centred = (x - x.mean(-1, keepdim=True))[2:]
+    spread = (centred.abs().mean(-1, keepdim=True) + math.sqrt(1e-6)) * 16
+    unit_sq = (centred / spread) ** 2
+    variance = unit_sq.mean(-1, keepdim=True)
+    lost = torch.where(unit_sq < 6.1e-5, unit_sq, torch.zeros_like(unit_sq)).sum(-1, keepdim=True) / c
+    assert (lost / variance).max().item() < 1e-3
+    plain_sq = centred[0:2] ** 2 / c  # the plain form's terms at spread 1e-2 / 0.018: subnormal in fp16
+    assert (plain_sq < 6.1e-5).float().mean().item() > 0.99
 
 
 @pytest.fixture(scope="module")
