@@ -118,7 +118,9 @@ def test_batch_input_cap_in_process_and_at_convert(tmp_path, base_bundle, micro_
     largest = MAX_BATCH_INPUT_BYTES // batch_input_bytes(1, 240)
     assert largest == 388
     case.edit(_batch(largest, 240))
-    open_bundle(case.bundle)  # (the artifact's own batch is 1: the runner refuses it later, not this check)
+    # past the cap check; then the artifact's own signature (batch 1) disagrees with the manifest
+    with pytest.raises(UserError, match=r"the manifest says \[388, 3, 240, 240\]"):
+        open_bundle(case.bundle)
     # convert refuses a --batch-size the bundle could not be opened with, before any conversion work
     rc, _, err, _, seconds = measured([sys.executable, MICRO_CLI, "crossvit_edge.convert", "--target", "onnx", "--checkpoint",
                                        micro_checkpoint, "--batch-size", 4096, "--output", tmp_path / "b"], cwd=tmp_path)
