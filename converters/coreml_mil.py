@@ -28,7 +28,6 @@ the checker never guesses.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import struct

@@ -15,7 +15,6 @@ in a manifest chooses code: the artifact ``kind`` is a key of the fixed table ``
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math

@@ -59,9 +59,8 @@ class ImageSet:
             h.update(os.fsencode(p.relative_to(self.root)))  # the name's bytes, UTF-8 or not
             h.update(b"\0" + (str(self.labels[i]) if self.labels else "-").encode() + b"\0")
             # streamed and bounded like every image read: a small PNG with a sparse multi-GiB tail is refused by its size
-            with safe_io.open_regular(p, f"image {brief(p.name, 120)}", max_bytes=MAX_IMAGE_BYTES) as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
+            for chunk in safe_io.read_chunks(p, f"image {brief(p.name, 120)}", max_bytes=MAX_IMAGE_BYTES):
+                h.update(chunk)
         return h.hexdigest()
 
     def subset(self, indices: Sequence[int]) -> "ImageSet":

@@ -141,17 +141,15 @@ def time_runner(runner, batch: np.ndarray, settings: ProfileSettings) -> Dict[st
 def _open_runner(bundle: Bundle, threads: Optional[int]):
     """The bundle's own runner, or its runnable stand-in with a note saying so. The runner class
     comes from the fixed registry by the artifact's kind (``Bundle.runner``), never from the data."""
-    from .isolation import probe_runner  # the first load in a child: a runtime's abort ends in one line
+    from .isolation import isolated_runner  # the first load in a child: a runtime's abort ends in one line
 
     try:
-        probe_runner(bundle, threads=threads)
-        return bundle.runner(threads=threads), []
+        return isolated_runner(bundle, threads=threads), []
     except UserError as e:
         stand_in = bundle.stand_in
         if not stand_in:
             raise
-        probe_runner(bundle, stand_in=True, threads=threads)
-        runner = bundle.runner(stand_in=True, threads=threads)
+        runner = isolated_runner(bundle, stand_in=True, threads=threads)
         return runner, [f"{bundle.manifest['artifact']['file']} cannot run here ({e}); accuracy measured on {stand_in['file']} with "
                         f"{runner.description}; latency only from the device (--merge)"]
 

@@ -160,6 +160,12 @@ def probe_runner(bundle, stand_in: bool = False, threads: Optional[int] = None) 
     _passed.add(key)
 
 
+def isolated_runner(bundle, stand_in: bool = False, threads: Optional[int] = None):
+    """``bundle.runner(...)`` after ``probe_runner`` loaded the same artifact in a child first."""
+    probe_runner(bundle, stand_in=stand_in, threads=threads)
+    return bundle.runner(stand_in=stand_in, threads=threads)
+
+
 def _listed_digest(manifest: Dict[str, Any], rel: str) -> str:
     """The sha256 of a listed file, or of every listed file of a package folder, in order."""
     files = manifest["files"]

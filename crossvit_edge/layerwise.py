@@ -225,8 +225,6 @@ def compare_bundle(runner, reference_model, images: np.ndarray, plan=None, conte
     ``device_values`` replaces the probe with values measured elsewhere (the TensorRT device
     runner's results: ``{"located": {key: Located}, "values": {key: array (N, ...)}, "logits": (N, C),
     "source": str}``)."""
-    from crossvit_edge.pipeline import run_batched
-
     points, layers = reference_points(reference_model, plan)
     precision = {l.name: l.precision for l in plan.layers} if plan is not None else {}
     plan_scale = {l.name: l.input_scale for l in plan.layers} if plan is not None else {}

@@ -124,9 +124,9 @@ def load(bundle: Union[str, "os.PathLike[str]", Bundle], threads: Optional[int] 
     if opened.kind == "mlpackage":
         return Model(opened, _coreml_runner(opened, threads))
     if isolate:
-        from .isolation import probe_runner
+        from .isolation import isolated_runner
 
-        probe_runner(opened, threads=threads)
+        return Model(opened, isolated_runner(opened, threads=threads))
     return Model(opened, opened.runner(threads=threads))
 
 

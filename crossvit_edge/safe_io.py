@@ -115,12 +115,11 @@ def read_bytes(path: PathLike, what: Optional[str] = None, *, max_bytes: int, fo
     return data
 
 
-def sha256(path: PathLike, what: Optional[str] = None, *, max_bytes: int, follow_symlinks: bool = True) -> str:
-    """sha256 of a regular file of at most ``max_bytes`` bytes, streamed in 1 MiB chunks, never
-    reading past ``max_bytes`` (a listed size: a sparse terabyte behind a small size is refused by
-    its size, not hashed)."""
+def read_chunks(path: PathLike, what: Optional[str] = None, *, max_bytes: int, follow_symlinks: bool = True) -> Iterator[bytes]:
+    """The bytes of a regular file of at most ``max_bytes`` bytes, in 1 MiB chunks, never reading
+    past ``max_bytes`` (a listed size: a sparse terabyte behind a small size is refused by its
+    size, not read)."""
     label = _label(path, what)
-    h = hashlib.sha256()
     with open_regular(path, what, max_bytes=max_bytes, follow_symlinks=follow_symlinks) as f:
         left = max_bytes + 1  # one byte more than allowed tells a file that grew
         try:
@@ -128,12 +127,19 @@ def sha256(path: PathLike, what: Optional[str] = None, *, max_bytes: int, follow
                 chunk = f.read(min(_CHUNK, left))
                 if not chunk:
                     break
-                h.update(chunk)
                 left -= len(chunk)
+                if left <= 0:
+                    raise UserError(f"{label}: more than the {max_bytes} bytes this tool reads (it grew while being read)")
+                yield chunk
         except OSError as e:
             raise _os_error(label, e) from None
-    if left <= 0:
-        raise UserError(f"{label}: more than the {max_bytes} bytes this tool reads (it grew while being read)")
+
+
+def sha256(path: PathLike, what: Optional[str] = None, *, max_bytes: int, follow_symlinks: bool = True) -> str:
+    """sha256 of a regular file of at most ``max_bytes`` bytes, streamed (``read_chunks``)."""
+    h = hashlib.sha256()
+    for chunk in read_chunks(path, what, max_bytes=max_bytes, follow_symlinks=follow_symlinks):
+        h.update(chunk)
     return h.hexdigest()
 
 

@@ -318,8 +318,6 @@ def test_cpp_tsv_lines_match_python_byte_for_byte(app, int8_bundle, tmp_path):
     """The same escaped path fields as ``python -m crossvit_edge.classify`` for names with a
     newline and tabs, ESC, C1 controls, U+2028, bidi controls, a backslash and bytes that are not
     UTF-8: one line per image, three fields each."""
-    import sys
-
     from .test_security_bounds import hostile_folder
 
     expected = hostile_folder(tmp_path)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 

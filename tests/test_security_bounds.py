@@ -10,10 +10,8 @@ process), and that nothing was written outside the output.
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
-import signal
 import struct
 import subprocess
 import sys
