@@ -4,10 +4,10 @@ A profile names its target and carries that target's options; the CLI's flags ov
 
     name: jetson-orin-nano-jp6
     target: tensorrt
-    description: Jetson Orin Nano, JetPack 6.x
+    description: Jetson Orin Nano, JetPack 6.1/6.2
     batch_size: 1
     precision: int8
-    tensorrt: {version: "10.3", jetpack: "6.x", dla: false, workspace_mib: 1024}
+    tensorrt: {version: "10.3", jetpack: "6.1", dla: false, workspace_mib: 1024}
 
 Torch-free (the Jetson-side tools read profiles too).
 """

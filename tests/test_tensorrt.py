@@ -22,7 +22,9 @@ from onnx import TensorProto, helper, numpy_helper
 from crossvit_edge.calibration import trt_cache
 from crossvit_edge.converters.tensorrt.onnx_surgery import decompose_layernorm
 from crossvit_edge.converters.tensorrt.static_check import TensorRTCheckError, const_input_rules, static_check
-from crossvit_edge.converters.tensorrt.versions import FP32_PREFIX, builder_flags, resolve_target
+from crossvit_edge.converters.tensorrt.versions import (
+    FP32_PREFIX, JETPACK_RELEASES, builder_flags, jetpack_of, jetson_support, resolve_target, version_guard,
+)
 from crossvit_edge.bundle import read_manifest
 from crossvit_edge.checkpoint import load_checkpoint
 from crossvit_edge.data import open_image_set
@@ -31,15 +33,19 @@ from crossvit_edge.metrics import compare_logits
 from crossvit_edge.pipeline import convert
 from crossvit_edge.preprocess import Preprocessing
 from crossvit_edge.spec import BuildSpec, CalibrationSettings
-from crossvit_edge.device_profiles import load_profile
+from crossvit_edge.device_profiles import list_profiles, load_profile
 
 from .conftest import MICRO_MODEL, REPO, run_cli
 
-JETSON_PROFILES = ["jetson-xavier-nx-jp5", "jetson-orin-nano-jp6", "jetson-agx-orin-jp6-dla", "jetson-thor-jp7", "jetson-agx-orin-jp72"]
-# One export per bundle costs ~15 s on two cores: the two graph families (8.5 explicit Q/DQ with LayerNorm
-# decomposed, 10.x strongly typed fp16 + Q/DQ at opset 19) run by default, the other three under -m slow
-# (their trtexec flags and build scripts are checked for every profile, without an export, below).
-FAST_PROFILES = ("jetson-xavier-nx-jp5", "jetson-orin-nano-jp6")
+# Every shipped Jetson profile (profiles/jetson-*.yaml), one or more per JetPack (versions.JETPACK_RELEASES).
+JETSON_PROFILES = [p for p in list_profiles() if p.startswith("jetson-")]
+# One export per bundle costs ~15 s on two cores: the three graph families (8.5 explicit Q/DQ with
+# LayerNorm decomposed; explicit Q/DQ with the LayerNormalization op, 8.6 and 10.x DLA; strongly typed
+# fp16 + Q/DQ at opset 19, 10.x and 11.x) run by default, the others under -m slow; every profile's
+# ONNX is still statically checked in the default suite on its family's bundle
+# (test_every_jetpack_resolves_to_profiles_whose_static_checks_pass), and its trtexec flags and build
+# script without an export (test_build_script_of_every_jetson_profile).
+FAST_PROFILES = ("jetson-xavier-nx-jp5", "jetson-orin-nano-jp60", "jetson-orin-nano-jp6")
 PROFILE_PARAMS = [p if p in FAST_PROFILES else pytest.param(p, marks=pytest.mark.slow) for p in JETSON_PROFILES]
 NOTE = "engine must be built on the device: run sh build_engine.sh"
 
@@ -320,15 +326,111 @@ def test_build_script_of_every_jetson_profile(profile, tmp_path):
     if cache:
         assert "--calib=m.calib.cache.device" in r.stdout.split()
         assert (tmp_path / "m.calib.cache.device").read_text().splitlines() == [f"TRT-{vint}-EntropyCalibration2", "image: 3ca3d70a"]
-    expected = {"jetson-xavier-nx-jp5": (mode or "explicit", None), "jetson-orin-nano-jp6": ("strongly-typed", None),
+    expected = {"jetson-xavier-nx-jp5": (mode or "explicit", None), "jetson-orin-nano-jp60": ("explicit", None),
+                "jetson-agx-orin-jp60-dla": ("explicit", 0), "jetson-orin-nano-jp6": ("strongly-typed", None),
                 "jetson-agx-orin-jp6-dla": ("explicit", 0), "jetson-thor-jp7": ("strongly-typed", None),
-                "jetson-agx-orin-jp72": ("strongly-typed", None)}[profile]
+                "jetson-agx-orin-jp720": ("strongly-typed", None), "jetson-thor-jp720": ("strongly-typed", None),
+                "jetson-agx-orin-jp722": ("strongly-typed", None), "jetson-agx-orin-jp722-dla": ("strongly-typed", 0),
+                "jetson-thor-jp722": ("strongly-typed", None)}[profile]
     assert (target.mode, target.dla_core) == expected
     # The banner of another release's trtexec (patch releases pass; see the cache header above).
     major, minor, _ = target.version
     other = 8601 if (major, minor) == (8, 5) else 8502
     r = _dry_run(tmp_path, other)
     assert r.returncode == 1 and "reconvert with the matching profile" in r.stderr and r.stdout == ""
+
+
+# The graph a conversion writes depends only on (LayerNorm decomposed, strongly typed) for an int8
+# profile (converter.py: ``decompose_layernorm``, ``fp16_with_int8=strongly_typed``; the opset follows
+# from the mode): the default suite exports one bundle per family and checks every profile on it.
+FAMILY_BUNDLE = {(True, False): "jetson-xavier-nx-jp5", (False, False): "jetson-orin-nano-jp60", (False, True): "jetson-orin-nano-jp6"}
+
+
+def test_every_jetpack_resolves_to_profiles_whose_static_checks_pass(bundle_of):
+    """Each JetPack row (versions.JETPACK_RELEASES) names profiles with that JetPack in their name,
+    whose TensorRT is the row's, and whose ONNX passes that version's static check (Q/DQ rules,
+    every op in its parser's set, opset in range); every shipped Jetson profile is in one row."""
+    covered = []
+    for row in JETPACK_RELEASES:
+        assert row.profiles and row.seen in ("source", "release notes") and row.source
+        assert jetpack_of(row.tensorrt) == row and jetson_support(row.tensorrt) is None
+        for name in row.profiles:
+            prof = load_profile(name)
+            assert str(prof.options["jetpack"]) in row.jetpack and f"-jp{str(prof.options['jetpack'])[0]}" in name
+            assert any(b in prof.options["device"] for b in row.boards), (name, prof.options["device"], row.boards)
+            target = resolve_target(SimpleNamespace(options=dict(prof.options), precision=prof.precision, profile=prof))
+            assert jetpack_of(target.version) == row, (name, target.version)
+            bundle = bundle_of(FAMILY_BUNDLE[(target.decompose_layernorm, target.strongly_typed)])
+            trt = read_manifest(bundle)["tensorrt"]
+            assert trt["opset"] == target.opset, (name, trt["opset"], target.opset)
+            model = onnx.load(str(bundle / trt["onnx"]))
+            report = static_check(model, target)
+            assert report["passed"] and report["qdq_nodes"] > 0 and report["tensorrt_version"] == prof.options["version"]
+            assert {n.op_type for n in model.graph.node} <= target.parser.ops
+            assert target.parser.opset_min <= target.opset <= target.parser.opset_max
+            if target.major >= 11 or target.strongly_typed:  # no precision flags where types come from the graph
+                assert not {"FP16", "INT8", "OBEY_PRECISION_CONSTRAINTS"} & set(target.builder_flags)
+            covered.append(name)
+    assert sorted(covered) == sorted(JETSON_PROFILES)
+
+
+@pytest.mark.parametrize(
+    "bundle,installed,dla,jetson,message",
+    [
+        ("11.4.1", "11.4.0", True, True, r"^this bundle builds for DLA with TensorRT 11\.4\.1, this device has 11\.4\.0: DLA was unavailable in TensorRT 11\.0 through 11\.4\.0"),
+        ("11.4.1", "11.4.0", True, False, r"DLA was unavailable in TensorRT 11\.0 through 11\.4\.0"),
+        ("11.4.1", "11.5.0", False, True, r"^this device has TensorRT 11\.5\.0: TensorRT 11\.5 and later support no JetPack .*Orin DLA ends at 11\.4\.1"),
+        ("11.4.1", "11.6.2", True, True, r"11\.5 and later support no JetPack"),
+        ("11.4.1", "11.4.0", False, True, r"no JetPack ships TensorRT 11\.4\.0"),
+        ("10.3", "10.16.2.10", False, True, r"made for TensorRT 10\.3\.0, this device has 10\.16\.2: reconvert"),
+        ("8.6.2", "8.5.2.2", False, True, r"made for TensorRT 8\.6\.2, this device has 8\.5\.2: reconvert"),
+        ("10.16", "10.16.2", True, True, r"10\.7 was the last 10\.x release that supported DLA"),
+    ],
+)
+def test_version_guard_refuses_in_one_line(bundle, installed, dla, jetson, message):
+    why = version_guard(bundle, installed, dla=dla, jetson=jetson)
+    assert why and "\n" not in why and __import__("re").search(message, why), why
+
+
+def test_version_guard_accepts_what_each_jetpack_ships():
+    for row in JETPACK_RELEASES:
+        dla = any("AGX Orin" in b or "Xavier" in b for b in row.boards) and row.tensorrt[:2] not in ((10, 13), (10, 16))
+        full = ".".join(map(str, row.tensorrt)) + ".1"  # JetPack wheels report a 4th, build, number
+        assert version_guard(".".join(map(str, row.tensorrt[:2])), full, dla=dla, jetson=True) is None, row
+    assert version_guard("11.4.1", "11.4.2", dla=True, jetson=True) is None  # a later 11.4 patch keeps DLA
+    assert version_guard("11.5.0", "11.5.0", dla=False, jetson=False) is None  # not a Jetson: the notes do not apply
+    assert jetpack_of((11, 4, 0)) is None and jetpack_of((11, 5, 0)) is None and jetpack_of((10, 15, 1)) is None
+
+
+def test_build_script_applies_the_patch_level_guard(tmp_path):
+    """build_engine.sh runs version_guard's patch rules in sh: an 11.4.1 DLA bundle is refused by
+    an 11.4.0 trtexec, and 11.5 on a Jetson is refused saying why, in one line each."""
+    from crossvit_edge.converters.tensorrt.build_script import build_script, latency_flags, trtexec_flags
+
+    def script_for(profile):
+        prof = load_profile(profile)
+        target = resolve_target(SimpleNamespace(options=dict(prof.options), precision=prof.precision, profile=prof))
+        folder = tmp_path / profile
+        folder.mkdir()
+        flags = trtexec_flags(target, "m.onnx", "m.engine", "m.layers.json", None, [])
+        text = build_script(target, flags, latency_flags(target, "m.engine"), None, "m")
+        (folder / "build_engine.sh").write_text(text)
+        return folder, text
+
+    dla, text = script_for("jetson-agx-orin-jp722-dla")
+    assert "release/11.1" in text and "release/11.4 was not read" in text  # what the flags were checked against
+    assert _dry_run(dla, 110401).returncode == 0 and _dry_run(dla, 110402).returncode == 0
+    for vint, message in ((110400, "DLA was unavailable in TensorRT 11.0 through 11.4.0"), (110500, "11.5 and later support no JetPack"),
+                          (110600, "11.5 and later support no JetPack")):
+        r = _dry_run(dla, vint)
+        assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1 and message in r.stderr, (vint, r.stderr)
+    thor, text = script_for("jetson-thor-jp722")
+    r = _dry_run(thor, 110400)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no JetPack ships TensorRT 11.0-11.4.0" in r.stderr
+    assert _dry_run(thor, 110401).returncode == 0
+    nano, text = script_for("jetson-orin-nano-jp60")
+    assert "checked against NVIDIA/TensorRT release/8.6 samples/common/sampleOptions.cpp." in text and "inferred" not in text
+    assert _dry_run(nano, 8602).returncode == 0 and _dry_run(nano, 8603).returncode == 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -611,6 +713,8 @@ def _write_profile(tmp_path, name, version, device, **section):
         ("jp5-strong", "8.5.2", "Jetson Xavier NX", {"mode": "strongly-typed"}, "no strongly typed networks"),
         ("jp5-opset18", "8.5.2", "Jetson Xavier NX", {"mode": "implicit", "opset": 18}, "opset 18 is above"),
         ("jp6-opset21", "10.3", "Jetson Orin Nano", {"opset": 21}, r"opset 21 is above .*9-20"),
+        ("jp-115", "11.5", "Jetson AGX Orin", {}, r"TensorRT 11\.5 on a Jetson: TensorRT 11\.5 and later support no JetPack .*Orin DLA ends at 11\.4\.1"),
+        ("jp-1140-dla", "11.4.0", "Jetson AGX Orin", {"dla_core": 0}, r"TensorRT 11\.4\.0 on a Jetson: no JetPack ships TensorRT 11\.4\.0"),
         ("unknown", "9.9", "Jetson AGX Orin", {}, "unknown TensorRT version '9.9'"),
         ("garbage", "latest", "Jetson AGX Orin", {}, "unknown TensorRT version 'latest'"),
     ],

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shlex
 from typing import List, Optional, Sequence
 
-from .versions import TrtTarget
+from .versions import TrtTarget, script_version_checks, trtexec_flags_basis
 
 BUILD_SCRIPT = "build_engine.sh"
 TIMING_CACHE = "timing.cache"
@@ -86,13 +86,12 @@ def build_script(target: TrtTarget, build: List[str], latency: List[str], cache_
       layers run in float. ``python -m crossvit_edge.converters.tensorrt.device BUNDLE --build`` ranges them too.
     * ``DRY_RUN=1`` prints the trtexec command instead of running it.
     """
-    branch = f"release/{target.version[0]}.{target.version[1]}"
     mm = f"{target.version[0]}.{target.version[1]}"
     lines = [
         "#!/bin/sh",
         f"# Build the TensorRT engine of this bundle ({model}, {target.precision}) ON THE DEVICE:",
         f"#   {target.device or 'Jetson'}, JetPack {target.jetpack or '?'}, TensorRT {target.version_text}, {target.network}.",
-        f"# trtexec flags checked against NVIDIA/TensorRT {branch} samples/common/sampleOptions.cpp.",
+        f"# {trtexec_flags_basis(target.version)}",
         "# Engines only run on the TensorRT version and GPU that built them.",
         "#   TRTEXEC=path        the trtexec to use (default: trtexec on PATH, else /usr/src/tensorrt/bin/trtexec)",
         "#   TRT_VERSION_INT=N   its NV_TENSORRT_VERSION (default: read from its banner, '[TensorRT vN]')",
@@ -114,6 +113,10 @@ def build_script(target: TrtTarget, build: List[str], latency: List[str], cache_
         'if [ "$V" -ge 10000 ]; then MM="$((V / 10000)).$((V / 100 % 100))"; else MM="$((V / 1000)).$((V / 100 % 10))"; fi',
         f'[ "$MM" = "{mm}" ] || {{ echo "this bundle is for TensorRT {target.version_text}, $TRTEXEC is TensorRT $MM (v$V): reconvert with the matching profile" >&2; exit 1; }}',
     ]
+    # versions.version_guard's patch-level rules (DLA, JetPack support), as the device builder runs them
+    checks = script_version_checks(target)
+    lines[-1:-1] = [f'[ "$V" {op} {n} ] || {{ echo {shlex.quote(why + " (trtexec: v")}"$V)" >&2; exit 1; }}' for op, n, why in checks if op == "-lt"]
+    lines += [f'[ "$V" {op} {n} ] || {{ echo {shlex.quote(why + " (trtexec: v")}"$V)" >&2; exit 1; }}' for op, n, why in checks if op != "-lt"]
     if cache_file:
         q = shlex.quote(cache_file)
         lines += [

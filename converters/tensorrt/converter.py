@@ -18,14 +18,14 @@ from crossvit_edge.errors import UserError
 
 from ..base import Artifact, Converter
 from .build_script import BUILD_SCRIPT, DEVICE_PROG, TIMING_CACHE, build_script, latency_flags, trtexec_flags
-from .versions import FP32_PREFIX, TrtTarget, resolve_target
+from .versions import FP32_PREFIX, TrtTarget, is_jetson, resolve_target, version_guard
 
 log = logging.getLogger(__name__)
 
 
 def _engine_possible(target: TrtTarget) -> Tuple[bool, str]:
     """(True, '') when this host can build the engine for ``target``: tensorrt importable, a GPU
-    TensorRT can use, and the same TensorRT major.minor as the profile."""
+    TensorRT can use, and a TensorRT the profile's bundle passes ``version_guard`` with."""
     if importlib.util.find_spec("tensorrt") is None:
         return False, "the tensorrt Python package is not installed here"
     from . import device
@@ -33,9 +33,10 @@ def _engine_possible(target: TrtTarget) -> Tuple[bool, str]:
     ok, why = device.device_status()
     if not ok:
         return False, why
-    installed = device.installed_version()
-    if installed[:2] != target.version[:2]:
-        return False, f"TensorRT {'.'.join(map(str, installed))} is installed here, the profile targets {target.version_text}"
+    why = version_guard(target.version_text, device.installed_version(), dla=target.dla_core is not None,
+                        jetson=is_jetson({"jetpack": target.jetpack, "device": target.device}))
+    if why:
+        return False, why
     sm = device.compute_capability()
     if target.sm and sm and sm != target.sm:
         return False, f"this GPU is sm {sm}, the profile targets sm {target.sm}"

@@ -54,7 +54,7 @@ from crossvit_edge.converters.base import Runner
 from crossvit_edge.errors import UserError
 
 from .implicit import NetLayer, dynamic_ranges
-from .versions import builder_flags
+from .versions import builder_flags, check_version_guard, is_jetson
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,15 @@ def _import_trt():
 
 def installed_version() -> Tuple[int, int, int]:
     return parse_version(_import_trt().__version__)
+
+
+def check_installed_version(options: Dict[str, Any], installed: Optional[Tuple[int, int, int]] = None) -> None:
+    """The bundle's TensorRT (``manifest['tensorrt']``) against this device's, by ``version_guard``
+    (patch where DLA or JetPack support changes): one line, before anything else is done."""
+    installed = installed_version() if installed is None else installed
+    jetson = is_jetson(options) or Path("/etc/nv_tegra_release").is_file()  # the L4T release file every Jetson has
+    check_version_guard(str(options.get("version") or ".".join(map(str, installed))), installed,
+                        dla=bool(options.get("dla")), jetson=jetson)
 
 
 def device_status() -> Tuple[bool, str]:
@@ -202,9 +211,7 @@ def build_engine(onnx_path, options: Dict[str, Any], mark_outputs: Sequence[str]
     base = Path(options.get("bundle_dir") or onnx_path.parent)
     installed = parse_version(trt.__version__)
     major = installed[0]
-    wanted = parse_version(str(options.get("version", trt.__version__)))
-    if wanted[:2] != installed[:2]:
-        raise UserError(f"this bundle was made for TensorRT {options.get('version')}, this device has {trt.__version__}: reconvert with the matching profile")
+    check_installed_version(options, installed)
     mode = options.get("mode", "strongly-typed" if major >= 11 else "explicit")
     precision = options.get("precision", "fp32")
     strongly = mode == "strongly-typed"
@@ -321,8 +328,9 @@ def build_engine(onnx_path, options: Dict[str, Any], mark_outputs: Sequence[str]
 
 def layer_precision_summary(info: str) -> Dict[str, Any]:
     """Best-effort count of the engine's layers and of those with Int8 tensors, from the inspector
-    JSON (``{"Layers": [...], "Bindings": [...]}`` in 8.x/10.x; the layer entries are strings when the
-    engine was built without DETAILED verbosity)."""
+    JSON: ``{"Layers": [...], "Bindings": [...]}`` in 8.x/10.x, ``{"Layers": [...], "I/O Tensors":
+    [...], ...}`` from 11.0 (docs/tensorrt_api.md); only ``"Layers"`` is read, so both count. The
+    layer entries are strings when the engine was built without DETAILED verbosity."""
     try:
         data = json.loads(info)
     except ValueError:
@@ -882,6 +890,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             _refresh_listed_files(bundle, manifest, adopted)
         if build is not None or args.adopt_engine:
             manifest = open_bundle(bundle).manifest  # the build (or adoption) listed the files it wrote
+        # The bundle's TensorRT against this one (version_guard: patch where DLA or JetPack support
+        # changes) before any engine is loaded or CUDA touched; --build ran the same check first
+        # thing in build_engine, after the bundle's own checks (which need no TensorRT).
+        check_installed_version(manifest.get("tensorrt") or {})
         images = open_image_set(args.data)
         if len(images) == 0:
             raise UserError(f"no images in {args.data}")

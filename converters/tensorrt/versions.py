@@ -8,9 +8,11 @@ Sources for every table: ``docs/tensorrt_api.md`` and ``docs/tensorrt_int8.md``.
 
 What the device profile's ``tensorrt`` section selects (``profiles/jetson-*.yaml``):
 
-* ``version``: the device's TensorRT (JetPack 5.1 = 8.5.2, JetPack 6 = 10.3, Thor JetPack 7.0 =
-  10.13, JetPack 7.2.2 = 11.4.1). It picks the parser's operator set and opset range, the network
-  flags, the builder flags, the trtexec flags and the calibration cache header.
+* ``version``: the device's TensorRT, as each JetPack ships it (``JETPACK_RELEASES`` below: 5.1.x =
+  8.5.2, 6.0 = 8.6.2, 6.1/6.2 = 10.3, Thor 7.0/7.1 = 10.13, 7.2.0/7.2.1 = 10.16, 7.2.2+ = 11.4.1).
+  It picks the parser's operator set and opset range, the network flags, the builder flags, the
+  trtexec flags and the calibration cache header; ``version_guard`` is the one check of an
+  installed TensorRT against a bundle's, on the host (converter) and on the device.
 * ``mode``:
   - ``explicit``: the plan's Q/DQ graph (fp32 tensors), built weakly typed with INT8 + FP16 flags:
     TensorRT keeps int8 where the Q/DQ nodes say and picks fp16/fp32 elsewhere (8.x, 10.x).
@@ -146,6 +148,146 @@ def parse_trt_version(text: str) -> Tuple[int, int, int]:
 
 
 KNOWN_RELEASES = "8.5, 8.6, 10.0-10.16, 11.0-11.5"
+
+
+@dataclass(frozen=True)
+class JetPackRelease:
+    """One JetPack line and the TensorRT it installs. ``seen`` says where that pairing was read:
+    ``source`` (a recipe or file in a repository) or ``release notes`` (NVIDIA's documentation)."""
+
+    jetpack: str
+    l4t: str
+    tensorrt: Tuple[int, int, int]
+    boards: Tuple[str, ...]
+    profiles: Tuple[str, ...]
+    seen: str
+    source: str
+
+
+# Every JetPack this toolchain deploys to, newest last. The TensorRT package versions are those of
+# the L4T apt feed as OE4T/meta-tegra packages it (recipes-devtools/gie/tensorrt-core_<version>-1.bb,
+# each fetching libnvinfer*_<version>+cuda<X>_arm64.deb from the L4T feed); JetPack-to-L4T names
+# and 11.4.1 come from NVIDIA's notes (docs/tensorrt_api.md, "Which TensorRT each JetPack ships").
+JETPACK_RELEASES: Tuple[JetPackRelease, ...] = (
+    JetPackRelease("5.1.x", "35.x", (8, 5, 2), ("Jetson Xavier NX", "Jetson AGX Xavier", "Jetson Orin"),
+                   ("jetson-xavier-nx-jp5",), "source", "meta-tegra tensorrt-core_8.5.2-1.bb"),
+    JetPackRelease("6.0", "36.2/36.3", (8, 6, 2), ("Jetson Orin Nano", "Jetson Orin NX", "Jetson AGX Orin"),
+                   ("jetson-orin-nano-jp60", "jetson-agx-orin-jp60-dla"), "source",
+                   "meta-tegra tensorrt-core_8.6.2.3-1.bb (libnvinfer8_8.6.2.3+cuda12.2 debs)"),
+    JetPackRelease("6.1/6.2", "36.4.x", (10, 3, 0), ("Jetson Orin Nano", "Jetson Orin NX", "Jetson AGX Orin"),
+                   ("jetson-orin-nano-jp6", "jetson-agx-orin-jp6-dla"), "source",
+                   "meta-tegra tensorrt-core_10.3.0.30-1.bb; Torch-TensorRT 'JetPack 6.1/6.2: TensorRT 10.3'"),
+    JetPackRelease("7.0/7.1", "38.x", (10, 13, 2), ("Jetson AGX Thor",), ("jetson-thor-jp7",), "source",
+                   "meta-tegra tensorrt-core_10.13.2.6-1.bb and tensorrt-core_10.13.3.9-1.bb"),
+    JetPackRelease("7.2.0/7.2.1", "39.x", (10, 16, 2), ("Jetson AGX Orin", "Jetson AGX Thor"),
+                   ("jetson-agx-orin-jp720", "jetson-thor-jp720"), "source",
+                   "meta-tegra tensorrt-core_10.16.2.10-1.bb (+cuda13.2 debs; DEPENDS:append:tegra234 = Orin too)"),
+    JetPackRelease("7.2.2+", "39.x", (11, 4, 1), ("Jetson AGX Orin", "Jetson AGX Thor"),
+                   ("jetson-agx-orin-jp722", "jetson-agx-orin-jp722-dla", "jetson-thor-jp722"), "release notes",
+                   "TensorRT 11.4.1 'Working with DLA' (AGX Orin with JetPack 7.2.2+); no meta-tegra recipe stored"),
+)
+
+# NVIDIA's TensorRT 11.5.0 release notes: JetPack is not supported, and DLA on Orin ends at 11.4.1.
+JETSON_CEILING = (11, 5, 0)
+JETSON_CEILING_WHY = ("TensorRT 11.5 and later support no JetPack (NVIDIA's 11.5.0 release notes: JetPack not supported; "
+                      "Orin DLA ends at 11.4.1); use the TensorRT of the board's JetPack (7.2.2+: 11.4.1)")
+
+
+def jetpack_of(version: Sequence[int]) -> Optional[JetPackRelease]:
+    """The JetPack that ships this TensorRT, or None. Major.minor decides for 8.x/10.x (JetPack
+    updates change only the build number there); 11.x needs 11.4.1 or a later 11.4 patch, since
+    11.4.0 supports no JetPack."""
+    v = tuple(int(x) for x in version[:3])
+    for row in JETPACK_RELEASES:
+        if v[:2] == row.tensorrt[:2] and (v[0] < 11 or v >= row.tensorrt):
+            return row
+    return None
+
+
+def jetson_support(version: Sequence[int]) -> Optional[str]:
+    """None when a Jetson can run this TensorRT as a JetPack ships it (or at least not known not
+    to), else why not (one line). 10.x releases no JetPack ships pass: the desktop-only ones
+    exist, and nothing known changes behaviour between them."""
+    v = tuple(int(x) for x in version[:3])
+    if v >= JETSON_CEILING:
+        return JETSON_CEILING_WHY
+    if v[0] == 11 and jetpack_of(v) is None:
+        return f"no JetPack ships TensorRT {'.'.join(map(str, v))} (the first 11.x on a Jetson is 11.4.1, JetPack 7.2.2+)"
+    return None
+
+
+def is_jetson(options) -> bool:
+    """Whether a profile's (or manifest's) ``tensorrt`` section targets a Jetson."""
+    options = options or {}
+    return bool(options.get("jetpack")) or "jetson" in str(options.get("device") or "").lower()
+
+
+def version_guard(bundle_version, installed, dla: bool, jetson: bool) -> Optional[str]:
+    """Why an engine for a bundle made for TensorRT ``bundle_version`` cannot be built with the
+    ``installed`` TensorRT, or None: the one check the host converter, the device builder and
+    runner use (``build_engine.sh`` runs the same rules in sh, ``script_version_checks``).
+
+    Patch matters where behaviour changes: DLA (11.4.0 has none, 11.4.1 has it on AGX Orin) and
+    JetPack support (11.5+ none). Otherwise major.minor: engines and parsers change there."""
+    b = parse_trt_version(bundle_version) if isinstance(bundle_version, str) else tuple(bundle_version)
+    i = parse_trt_version(installed) if isinstance(installed, str) else tuple(installed)
+    b_text, i_text = ".".join(map(str, b)), ".".join(map(str, i))
+    if jetson:
+        why = jetson_support(i)
+        if why and i >= JETSON_CEILING:
+            return f"this device has TensorRT {i_text}: {why}"
+    if b[:2] != i[:2]:
+        return f"this bundle was made for TensorRT {b_text}, this device has {i_text}: reconvert with the matching profile"
+    if dla:
+        why = dla_support(i)
+        if why:
+            return f"this bundle builds for DLA with TensorRT {b_text}, this device has {i_text}: {why}"
+    if jetson:
+        why = jetson_support(i)
+        if why:
+            return f"this device has TensorRT {i_text}: {why}"
+    return None
+
+
+def check_version_guard(bundle_version, installed, dla: bool, jetson: bool) -> None:
+    why = version_guard(bundle_version, installed, dla, jetson)
+    if why:
+        raise UserError(why)
+
+
+def script_version_checks(target: "TrtTarget") -> List[Tuple[str, int, str]]:
+    """``version_guard``'s patch-level rules as (test, NV_TENSORRT_VERSION, message) for
+    ``build_engine.sh``: each line refuses the trtexec found unless ``$V <test> <number>`` holds."""
+    checks: List[Tuple[str, int, str]] = []
+    jetson = is_jetson({"jetpack": target.jetpack, "device": target.device})
+    if jetson:
+        checks.append(("-lt", 110500, JETSON_CEILING_WHY))
+    if target.dla_core is not None and target.major == 11:
+        checks.append(("-ge", 110401, f"this bundle builds for DLA with TensorRT {target.version_text}: {dla_support((11, 4, 0))}"))
+    elif jetson and target.major == 11:
+        checks.append(("-ge", 110401, "no JetPack ships TensorRT 11.0-11.4.0 (the first 11.x on a Jetson is 11.4.1, JetPack 7.2.2+)"))
+    return checks
+
+
+# The release branches of NVIDIA/TensorRT whose samples/common/sampleOptions.cpp the trtexec flags
+# of build_engine.sh were read in: the columns of docs/tensorrt_api.md's trtexec table.
+TRTEXEC_FLAGS_READ = ((8, 5), (8, 6), (10, 3), (10, 7), (10, 13), (10, 16), (11, 0), (11, 1))
+
+
+def trtexec_flags_basis(version: Sequence[int]) -> str:
+    """What the trtexec flags for ``version`` were checked against, for the build script's header:
+    the branch itself when it was read, else the read branches around it and that the rest is
+    inferred (for 11.4: from NVIDIA's 11.4.1 release notes, the only 11.4 source this project has)."""
+    mm = (int(version[0]), int(version[1]))
+    text = f"{mm[0]}.{mm[1]}"
+    if mm in TRTEXEC_FLAGS_READ:
+        return f"trtexec flags checked against NVIDIA/TensorRT release/{text} samples/common/sampleOptions.cpp."
+    below = [v for v in TRTEXEC_FLAGS_READ if v[0] == mm[0] and v < mm]
+    above = [v for v in TRTEXEC_FLAGS_READ if v[0] == mm[0] and v > mm]
+    read = " and ".join(f"release/{v[0]}.{v[1]}" for v in ([max(below)] if below else []) + ([min(above)] if above else []))
+    read = read or "no branch of this major"
+    return (f"trtexec flags checked against NVIDIA/TensorRT {read} samples/common/sampleOptions.cpp; release/{text} was not read: "
+            f"that {text}'s trtexec takes the same flags is inferred (NVIDIA's release notes), not checked in source.")
 
 
 def check_known_version(text: str) -> Tuple[int, int, int]:
@@ -292,6 +434,10 @@ def resolve_target(spec) -> TrtTarget:
         raise UserError(f"{where} has no tensorrt.version")
     version = check_known_version(version_text)
     major, minor, _ = version
+    if is_jetson(opts):
+        why_not_jetson = jetson_support(version)
+        if why_not_jetson:
+            raise UserError(f"{where}: TensorRT {version_text} on a Jetson: {why_not_jetson}")
     parser = parser_support(major, minor)
     precision = spec.precision
 
