@@ -332,6 +332,8 @@ def dla_support(version: Tuple[int, int, int]) -> Optional[str]:
     if major == 8 or (major == 10 and minor <= 7):
         return None
     if major == 10:
+        # meta-tegra's 10.16.2.10 recipe still depends on the DLA compiler for tegra234 (Orin); NVIDIA's
+        # DLA page is the stronger statement about what TensorRT builds, so 10.8-10.16 stay refused.
         return "TensorRT 10.7 was the last 10.x release that supported DLA (TensorRT 11.4.1 'Working with DLA')"
     if major == 11 and (minor, patch) >= (4, 1):
         return None
