@@ -59,25 +59,35 @@ def write_text(path: Path, text: str) -> None:
             os.unlink(tmp)
 
 
-def calibration_context(bundle, calib_data: Optional[Path], model, plan):
-    """What a probe may need: the (smoothed, if the plan was) fp32 model and, with ``--calib-data``,
-    the build's calibration batches: the same sample (size and seed from the manifest), checked
-    against its recorded sha256. The manifest's own data path is never read (a bundle names no
+def calibration_images(bundle, calib_data: Optional[Path]):
+    """With ``--calib-data``, the build's calibration sample (size and seed from the manifest,
+    checked at open), checked against its recorded sha256; None without it. Torch-free: run before
+    any work that depends on it. The manifest's own data path is never read (a bundle names no
     paths outside itself)."""
-    from crossvit_edge.converters.probe import ProbeContext
-
     settings = bundle.manifest.get("calibration") or {}
     if calib_data is None or not settings:
-        return ProbeContext(model=model, plan=plan)
+        return None
     from .data import open_image_set
 
-    check_int("calibration.samples", settings.get("samples"), 1)
-    check_int("calibration.batch_size", settings.get("batch_size"), 1, 4096)
+    if settings.get("samples") is None or settings.get("batch_size") is None:
+        raise UserError(f"--calib-data: {bundle.name} records no calibration sample size or batch size (built from --calib-stats?)")
     images = open_image_set(calib_data).sample(settings["samples"], seed=int(settings.get("seed") or 0))
     if settings.get("image_set_sha256") and images.sha256() != settings["image_set_sha256"]:
         raise UserError(f"--calib-data {brief(str(calib_data), 200)}: its sample of {settings['samples']} images is not the one the bundle "
                         "was calibrated on (sha256 differs from the manifest's calibration.image_set_sha256)")
-    pre, batch = bundle.preprocessing, int(settings["batch_size"])
+    return images
+
+
+def calibration_context(bundle, calib_data: Optional[Path], model, plan, images=None):
+    """What a probe may need: the (smoothed, if the plan was) fp32 model and, with ``--calib-data``
+    (or its sample ``images`` from ``calibration_images``), the build's calibration batches."""
+    from crossvit_edge.converters.probe import ProbeContext
+
+    if images is None:
+        images = calibration_images(bundle, calib_data)
+    if images is None:
+        return ProbeContext(model=model, plan=plan)
+    pre, batch = bundle.preprocessing, int(bundle.manifest["calibration"]["batch_size"])
     if plan is not None and plan.smoothing:
         model = smoothed_model(model, plan, lambda: images.batches(pre, batch), -(-len(images) // batch))
     return ProbeContext(model=model, plan=plan, calibration_batches=lambda: images.batches(pre, batch))
@@ -194,6 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         images = images.sample(min(args.samples, len(images)), seed=0)
         # the device's results and intermediates, checked before any work that depends on them
         device = load_device_values(args.merge, images, bundle.num_classes) if args.merge is not None else None
+        calib_images = calibration_images(bundle, args.calib_data)
 
         from crossvit_edge.calibration.plan import QuantPlan
 
@@ -212,7 +223,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         runner = None
         if args.merge is None:
             runner, notes = _open_runner(bundle, args.threads)
-        context = calibration_context(bundle, args.calib_data, ckpt.model, plan)
+        context = calibration_context(bundle, args.calib_data, ckpt.model, plan, images=calib_images)
         try:
             report = compare_bundle(runner, ckpt.model, x, plan, context, device_values=device)
         finally:

@@ -333,9 +333,13 @@ def test_profile_killed_at_any_moment_leaves_one_runs_report(tmp_path, base_bund
 # Item 7: library noise never reaches the one line
 
 
-def test_refusal_after_torch_is_imported_is_one_line(tmp_path, int8_bundle):
-    """debug refuses a --calib-data sample that is not the bundle's after torch, the checkpoint
-    and the runtime are loaded: still exactly one stderr line."""
-    images = make_image_folder(tmp_path / "images", classes=2, per_class=1)
-    r = run_cli("crossvit_edge.debug", int8_bundle, "--data", images, "--calib-data", images, "--output", tmp_path / "o", micro=True)
+def test_calibration_sample_refused_before_torch_in_one_line(tmp_path, int8_bundle):
+    """debug with a --calib-data whose sample is not the bundle's: refused before the checkpoint,
+    torch and the runtime load (the sample is checked first), in exactly one stderr line."""
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=5)
+    code = ("import sys\nfrom crossvit_edge.debug import main\nrc = main(sys.argv[1:])\n"
+            "print('torch' in sys.modules)\nsys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(int8_bundle), "--data", str(images), "--calib-data", str(images),
+                        "--output", str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path, env=ENV)
     _one_line(r, "is not the one the bundle was calibrated on")
+    assert r.stdout.strip().splitlines()[-1] == "False"

@@ -867,7 +867,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
-    from crossvit_edge.cli_common import check_int, run_cli  # standard library only: fine on a Jetson
+    from crossvit_edge.cli_common import check_int, quiet_libraries, run_cli  # standard library only: fine on a Jetson
+
+    quiet_libraries(args.verbose)
 
     def body() -> int:
         from crossvit_edge.bundle import open_bundle, write_json
