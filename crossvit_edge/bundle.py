@@ -186,11 +186,11 @@ def remove_stale_staging(output: Path) -> None:
     except OSError:
         return
     for entry in entries:
-        if not entry.name.startswith(prefix) or entry.is_symlink() or not entry.is_dir():
+        if not entry.name.startswith(prefix):
             continue
         pid = entry.name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(entry, ignore_errors=True)
+            _remove(entry)
 
 
 def _alive(pid: int) -> bool:
@@ -203,6 +203,17 @@ def _alive(pid: int) -> bool:
     except OSError:
         return True  # exists, not ours to signal
     return True
+
+
+def _remove(path: Path) -> None:
+    """Remove what is at ``path`` (a folder tree, a file, a symlink: the link, not its target)."""
+    try:
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+            os.unlink(path)
+        elif os.path.lexists(path):
+            shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def _new_stage(output: Path) -> Path:
@@ -233,8 +244,7 @@ def staged_bundle(output: Path, overwrite: bool = False) -> Iterator[Path]:
             raise UserError(f"output {output} exists and is not empty; pass --overwrite to replace it")
         swap_into_place(stage, output)
     finally:
-        if os.path.lexists(stage):
-            shutil.rmtree(stage, ignore_errors=True)
+        _remove(stage)
 
 
 def check_output_folder(output: Path, owned, command: str) -> None:
@@ -279,8 +289,7 @@ def staged_output(output: Path, owned, command: str) -> Iterator[Path]:
         check_output_folder(output, owned, command)  # nothing foreign appeared meanwhile
         swap_into_place(stage, output)
     finally:
-        if os.path.lexists(stage):
-            shutil.rmtree(stage, ignore_errors=True)
+        _remove(stage)
 
 
 def write_manifest(bundle_dir: Path, manifest: Dict[str, Any]) -> Dict[str, Any]:
