@@ -882,6 +882,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         bundle, manifest = opened.root, opened.manifest
         if manifest.get("target") != "tensorrt":
             raise UserError(f"{bundle} is a {manifest.get('target')} bundle, not tensorrt")
+        located = read_points_file(args.points) if args.points else None  # checked before any build
         from crossvit_edge.isolation import in_child
 
         # TensorRT parses the bundle's ONNX (build) and engine (load) in a child process first, before
@@ -905,7 +906,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         if len(images) == 0:
             raise UserError(f"no images in {args.data}")
         pre = Preprocessing.from_dict(manifest["preprocessing"])
-        located = read_points_file(args.points) if args.points else None
         marked: Dict[str, str] = {}
         engine_bytes = None
         if located is not None:  # the layer-wise comparison's engine: the same build with the points as outputs
