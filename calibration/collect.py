@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
@@ -22,6 +20,7 @@ from tqdm import tqdm
 
 from crossvit_edge import safe_io
 from crossvit_edge.errors import UserError
+from crossvit_edge.npz import CheckedNpz
 
 from .estimators import MAX_BINS, AbsHistogram, compute_amax
 
@@ -75,77 +74,43 @@ class CalibrationStatistics:
 
         source = f"{brief(str(path), 200)}"
         c = SchemaCheck(f"{source}: calibration statistics")
-        used = set()
 
-        def member(z: zipfile.ZipFile, key: str, where: str, max_size: int, kinds: str = "iuf") -> np.ndarray:
-            name = f"{key}.npy"
-            if name in used:  # each member read once: a metadata file cannot make us inflate one a million times
-                c.fail(where, f"array {key!r} is named twice")
-            used.add(name)
-            try:
-                info = z.getinfo(name)
-            except KeyError:
-                c.fail(where, f"array {key!r} is missing")
-            with z.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                if version not in ((1, 0), (2, 0)):
-                    c.fail(where, f"unsupported .npy format version {version}")
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _fortran, dtype = read_header(f)
-                # dtype and size from the header, before the data: '|V2000000000' is one "value" of 2 GB
-                if dtype.kind not in kinds or dtype.itemsize > 8 or dtype.hasobject or len(shape) != 1 or not 1 <= shape[0] <= max_size:
-                    c.fail(where, f"expected a non-empty 1-D numeric array of at most {max_size} values, got {brief(str(dtype), 40)} of shape {brief(str(shape), 40)}")
-                nbytes = shape[0] * dtype.itemsize
-                data = f.read(nbytes + 1)
-            if len(data) != nbytes:
-                c.fail(where, f"array data of {len(data)} bytes does not match its header ({nbytes} bytes)")
-            return np.frombuffer(data, dtype=dtype)
-
-        def array(z, key: str, where: str, max_size: int) -> np.ndarray:
-            a = member(z, key, where, max_size).astype(np.float64)
+        def array(z: CheckedNpz, key: str, where: str, max_size: int) -> np.ndarray:
+            a = z.array(key, where, max_values=max_size).astype(np.float64)
             if not np.isfinite(a).all() or (a < 0).any():
                 c.fail(where, "values must be finite and non-negative")
             return a
 
-        try:
-            with safe_io.open_regular(path, source, max_bytes=MAX_STATS_BYTES) as fh, zipfile.ZipFile(fh) as z:
-                infos = z.infolist()
-                if len(infos) > MAX_STATS_MEMBERS:
-                    raise UserError(f"{source}: {len(infos)} arrays, more than {MAX_STATS_MEMBERS}")
-                inflated = sum(i.file_size for i in infos)
-                if inflated > MAX_STATS_BYTES:  # a deflate bomb: the directory says what it inflates to, and reads stop there
-                    raise UserError(f"{source}: its arrays inflate to {inflated} bytes, more than {MAX_STATS_BYTES}")
-                if "meta.npy" not in z.namelist():
-                    raise UserError(f"{source}: not a calibration statistics file (no metadata)")
-                raw = member(z, "meta", "meta", MAX_META_BYTES, kinds="u")
-                if raw.dtype != np.uint8:
-                    c.fail("meta", "expected UTF-8 JSON bytes")
-                meta = parse_json(raw.tobytes(), f"{source}: calibration statistics metadata")
-                if not isinstance(meta, dict):
-                    c.fail("meta", f"expected an object, got {brief(meta)}")
-                if meta.get("format") != STATS_FORMAT:
-                    raise UserError(f"{source}: unsupported calibration statistics format {brief(meta.get('format'))}")
-                model = c.value(meta, "model", "model", str)
-                digest = c.value(meta, "weights_sha256", "weights_sha256", str)
-                settings = c.obj(meta, "settings", "settings", required=False) or {}
-                layers = {}
-                for name, m in c.obj(meta, "layers", "layers").items():
-                    where = f"layers[{brief(name, 80)}]"
-                    m = c.obj({"m": m}, "m", where)
-                    index = c.integer(m, "index", f"{where}.index", 0, 1 << 30)
-                    width = c.number(m.get("width"), f"{where}.width")
-                    amax = c.number(m.get("amax"), f"{where}.amax")
-                    if width <= 0 or amax < 0:
-                        c.fail(where, f"width must be positive and amax non-negative, got {width!r}, {amax!r}")
-                    layers[name] = AbsHistogram(counts=array(z, f"hist_{index}", f"{where}.counts", MAX_BINS), width=width, amax=amax)
-                channels = {}
-                for name, i in (c.obj(meta, "channels", "channels", required=False) or {}).items():
-                    index = c.integer({"i": i}, "i", f"channels[{brief(name, 80)}]", 0, 1 << 30)
-                    channels[name] = array(z, f"chan_{index}", f"channels[{brief(name, 80)}]", MAX_CHANNELS).astype(np.float32)
-        except UserError:
-            raise
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
-            raise UserError(f"{source}: not a calibration statistics file ({brief(str(e).splitlines()[0] if str(e) else type(e).__name__, 120)})") from None
+        with CheckedNpz(path, source, max_file_bytes=MAX_STATS_BYTES, max_inflated_bytes=MAX_STATS_BYTES,
+                        max_members=MAX_STATS_MEMBERS) as z:
+            z.source = f"{source}: calibration statistics"
+            if "meta" not in z.names():
+                raise UserError(f"{source}: not a calibration statistics file (no metadata)")
+            raw = z.array("meta", "meta", kinds="u", max_values=MAX_META_BYTES)
+            if raw.dtype != np.uint8:
+                c.fail("meta", "expected UTF-8 JSON bytes")
+            meta = parse_json(raw.tobytes(), f"{source}: calibration statistics metadata")
+            if not isinstance(meta, dict):
+                c.fail("meta", f"expected an object, got {brief(meta)}")
+            if meta.get("format") != STATS_FORMAT:
+                raise UserError(f"{source}: unsupported calibration statistics format {brief(meta.get('format'))}")
+            model = c.value(meta, "model", "model", str)
+            digest = c.value(meta, "weights_sha256", "weights_sha256", str)
+            settings = c.obj(meta, "settings", "settings", required=False) or {}
+            layers = {}
+            for name, m in c.obj(meta, "layers", "layers").items():
+                where = f"layers[{brief(name, 80)}]"
+                m = c.obj({"m": m}, "m", where)
+                index = c.integer(m, "index", f"{where}.index", 0, 1 << 30)
+                width = c.number(m.get("width"), f"{where}.width")
+                amax = c.number(m.get("amax"), f"{where}.amax")
+                if width <= 0 or amax < 0:
+                    c.fail(where, f"width must be positive and amax non-negative, got {width!r}, {amax!r}")
+                layers[name] = AbsHistogram(counts=array(z, f"hist_{index}", f"{where}.counts", MAX_BINS), width=width, amax=amax)
+            channels = {}
+            for name, i in (c.obj(meta, "channels", "channels", required=False) or {}).items():
+                index = c.integer({"i": i}, "i", f"channels[{brief(name, 80)}]", 0, 1 << 30)
+                channels[name] = array(z, f"chan_{index}", f"channels[{brief(name, 80)}]", MAX_CHANNELS).astype(np.float32)
         return cls(model, digest, layers, channels, settings)
 
     def check_matches(self, model_name: str, weights_sha256: str, layer_names: List[str], source: str) -> None:

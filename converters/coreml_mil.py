@@ -64,10 +64,29 @@ class UnsupportedMILOp(MILCheckerError):
 # Data types
 
 
-def _proto():
-    from coremltools.proto import MIL_pb2, Model_pb2
+_PROTO_PACKAGE = "_crossvit_edge_coreml_proto"
 
-    return MIL_pb2, Model_pb2
+
+def _proto():
+    """coremltools' generated protobuf modules (``coremltools/proto/*_pb2.py``), loaded as a package
+    of their own: ``import coremltools.proto`` runs ``coremltools/__init__``, which imports torch
+    and the converters (seconds to a minute, hundreds of MB, warnings on stderr) before a single
+    path of a package has been checked. The generated modules need only protobuf; they register
+    the same descriptors, so their messages are coremltools' own classes."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    if _PROTO_PACKAGE not in sys.modules:
+        spec = importlib.util.find_spec("coremltools")
+        if spec is None or not spec.submodule_search_locations:
+            raise MILCheckerError("reading a Core ML package needs coremltools (its protobuf definitions)")
+        package = types.ModuleType(_PROTO_PACKAGE)
+        package.__path__ = [str(Path(p) / "proto") for p in spec.submodule_search_locations]
+        package.__package__ = _PROTO_PACKAGE
+        sys.modules[_PROTO_PACKAGE] = package
+    return (importlib.import_module(f"{_PROTO_PACKAGE}.MIL_pb2"), importlib.import_module(f"{_PROTO_PACKAGE}.Model_pb2"))
 
 
 # MIL DataType enum name -> numpy dtype (None: no numpy storage type)

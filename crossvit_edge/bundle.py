@@ -121,32 +121,175 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-@contextmanager
-def staged_bundle(output: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces ``output`` atomically, on any error it is
-    deleted and ``output`` is left as it was."""
-    # the parent resolved, not the output itself: a symlink at the output is replaced, never followed
-    output = Path(output).absolute().parent.resolve() / Path(output).absolute().name
+# --------------------------------------------------------------------------------------------------
+# Whole outputs: built in a staging folder, swapped into place in one rename
+#
+# Kill-safety (docs/security.md): a command killed at any moment, SIGKILL included, leaves at
+# ``--output`` either what was there before or the complete new output, never a mix: everything is
+# written into ``.<name>.staging-<pid>-<random>`` beside it, and the finished folder takes the
+# output's place by one rename (Linux: renameat2 RENAME_EXCHANGE, an atomic swap with what was
+# there; elsewhere two renames, the old output first moved aside). What a killed process leaves
+# behind is only such a hidden staging folder of a dead process id, which the next command writing
+# the same output removes before it starts.
+
+STAGING_MARK = ".staging-"
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _renameat2_exchange():
+    """libc's renameat2 when this is Linux with glibc >= 2.28, else None."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def swap_into_place(stage: Path, output: Path) -> None:
+    """Put the folder ``stage`` at ``output`` in one step; what was at ``output`` (a folder, a
+    file, a symlink: the link itself, never what it points to) ends up at ``stage``, for the caller
+    to remove. With nothing at ``output``, a plain rename."""
+    import ctypes
+
+    if not os.path.lexists(output):
+        os.replace(stage, output)
+        return
+    fn = _renameat2_exchange()
+    if fn is not None:
+        AT_FDCWD = -100
+        if fn(AT_FDCWD, os.fsencode(stage), AT_FDCWD, os.fsencode(output), _RENAME_EXCHANGE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: a file system without it; fall back
+            raise OSError(err, os.strerror(err), str(output))
+    aside = Path(tempfile.mkdtemp(dir=stage.parent, prefix=f".{output.name[:100]}{STAGING_MARK}{os.getpid()}-"))
+    os.replace(output, aside / "previous")
+    os.replace(stage, output)
+    os.replace(aside, stage)
+
+
+def remove_stale_staging(output: Path) -> None:
+    """Remove what a killed command left beside ``output``: its hidden staging folders whose
+    process is gone (the process id is in the name; a live process's folder is left alone)."""
+    output = Path(output)
+    prefix = f".{output.name[:100]}{STAGING_MARK}"
+    try:
+        entries = list(output.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(entry)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own folders from an earlier call are not in use (one output per call)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, not ours to signal
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Remove what is at ``path`` (a folder tree, a file, a symlink: the link, not its target)."""
+    try:
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+            os.unlink(path)
+        elif os.path.lexists(path):
+            shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass
+
+
+def _new_stage(output: Path) -> Path:
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.staging-"))
+        remove_stale_staging(output)
+        stage = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name[:100]}{STAGING_MARK}{os.getpid()}-"))
     except OSError as e:
         raise UserError(f"cannot write the output {brief(str(output), 200)}: {e.strerror or type(e).__name__}") from None
     os.chmod(stage, 0o755)
+    return stage
+
+
+def _output_path(output: Path) -> Path:
+    # the parent resolved, not the output itself: a symlink at the output is replaced, never followed
+    return Path(output).absolute().parent.resolve() / Path(output).absolute().name
+
+
+@contextmanager
+def staged_bundle(output: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``output`` atomically, on any error it is
+    deleted and ``output`` is left as it was (killed, even by SIGKILL: see above)."""
+    output = _output_path(output)
+    stage = _new_stage(output)
     try:
         yield stage
-        if os.path.lexists(output):
-            if not overwrite and (output.is_symlink() or output.is_file() or any(output.iterdir())):
-                raise UserError(f"output {output} exists and is not empty; pass --overwrite to replace it")
-            old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
-            os.replace(output, old / "previous")
-            os.replace(stage, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, output)
+        if os.path.lexists(output) and not overwrite and (output.is_symlink() or output.is_file() or any(output.iterdir())):
+            raise UserError(f"output {output} exists and is not empty; pass --overwrite to replace it")
+        swap_into_place(stage, output)
     finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
+        _remove(stage)
+
+
+def check_output_folder(output: Path, owned, command: str) -> None:
+    """Before any work: ``output`` can be created, and what is there now is a folder holding only
+    the files ``command`` writes (``owned``: names), so that replacing it as a whole (``staged_output``)
+    loses nothing of anyone else's. One-line UserError otherwise."""
+    label = f"--output {brief(str(output), 200)}"
+    path = Path(output).absolute()
+    if os.path.lexists(path) and not path.is_symlink():
+        if not path.is_dir():
+            raise UserError(f"{label} exists and is not a folder")
+        try:
+            names = sorted(p.name for p in path.iterdir())
+        except OSError as e:
+            raise UserError(f"{label}: cannot read it ({e.strerror or type(e).__name__})") from None
+        foreign = [n for n in names if n not in owned]
+        if foreign:
+            raise UserError(f"{label} holds {brief(foreign[0], 80)}, which {command} did not write: it writes its output folder as "
+                            f"a whole (replacing a previous {command} output); choose an empty or new folder")
+        return
+    ancestor = path.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{label}: cannot create it ({brief(str(ancestor), 200)} is not a folder)")
+    try:
+        shutil.rmtree(tempfile.mkdtemp(dir=ancestor, prefix=".crossvit_edge-probe-"), ignore_errors=True)
+    except OSError as e:
+        raise UserError(f"{label}: cannot create it ({e.strerror or type(e).__name__})") from None
+
+
+@contextmanager
+def staged_output(output: Path, owned, command: str) -> Iterator[Path]:
+    """A report folder (``profile``, ``debug``) written like a bundle: into a staging folder that
+    replaces ``output`` as a whole when complete, so that no file of a previous run survives beside
+    the new report, and a run that fails or is killed leaves the previous output (or nothing)."""
+    check_output_folder(output, owned, command)
+    output = _output_path(output)
+    stage = _new_stage(output)
+    try:
+        yield stage
+        check_output_folder(output, owned, command)  # nothing foreign appeared meanwhile
+        swap_into_place(stage, output)
+    finally:
+        _remove(stage)
 
 
 def write_manifest(bundle_dir: Path, manifest: Dict[str, Any]) -> Dict[str, Any]:
@@ -445,6 +588,14 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> Dict[str, Any]:
     for i, note in enumerate(notes or []):
         c.value({"n": note}, "n", f"notes[{i}]", str)
 
+    # the sections debug reads (its plan and calibration sample): typed at open, like the rest
+    if data.get("calibration") is not None:
+        validate_calibration(data["calibration"], source)
+    if data.get("quantization_plan") is not None:
+        validate_quantization_plan(data["quantization_plan"], source)
+        if data["quantization_plan"]["model"] != data["model"]:
+            c.fail("quantization_plan.model", f"{brief(data['quantization_plan']['model'])} is not the bundle's model {brief(data['model'])}")
+
     # target sections: every path-valued key is a plain relative name, every choice from a closed list
     trt = c.obj(data, "tensorrt", "tensorrt", required=False)
     if trt is not None:
@@ -474,6 +625,154 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> Dict[str, Any]:
         for key in ("bundled_program", "etdump"):
             c.path(et, key, f"executorch.{key}", required=False)
     return data
+
+
+# --------------------------------------------------------------------------------------------------
+# The sections debug and the device runner read: quantization plan, calibration, points
+
+MAX_PLAN_ENTRIES = 100_000  # layers, attention tensors, smoothing pairs in a plan; points in a points file
+MAX_SAMPLES = 10_000_000  # calibration images (as spec.MAX_SAMPLES)
+PLAN_LAYER_KINDS = ("linear", "conv")
+PLAN_PRECISIONS = ("int8", "float")
+ATTENTION_TENSOR_KINDS = ("q", "k", "v", "probs")
+
+
+def _scalar_extras(c: SchemaCheck, entry: Dict[str, Any], known, where: str) -> None:
+    """Keys outside ``known`` are informational (a later build may record more per layer, e.g. its
+    estimator): accepted when they are strings, numbers, true/false or null, never objects or lists."""
+    for key, value in entry.items():
+        if key in known:
+            continue
+        if isinstance(value, (list, dict)):
+            c.fail(f"{where}.{brief(key, 40).strip(chr(39))}", f"expected a string, number, true/false or null, got {brief(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            c.fail(f"{where}.{brief(key, 40).strip(chr(39))}", "expected a finite number")
+        if isinstance(value, str) and len(value) > MAX_NAME:
+            c.fail(f"{where}.{brief(key, 40).strip(chr(39))}", f"string of {len(value)} characters is too long")
+
+
+def _optional_number(c: SchemaCheck, parent: Dict[str, Any], key: str, where: str, lo: float = -math.inf) -> Optional[float]:
+    if parent.get(key) is None:
+        return None
+    x = c.number(parent[key], where)
+    if x < lo:
+        c.fail(where, f"expected a number of at least {lo:g}, got {brief(parent[key])}")
+    return x
+
+
+def validate_calibration(data: Any, source: str, where: str = "calibration") -> Dict[str, Any]:
+    """A manifest's ``calibration`` record (or the plan's copy of it): an object whose keys that are
+    used (``debug --calib-data`` redraws the sample from them) have their types and ranges; other
+    keys are informational (the statistics' own settings travel in it)."""
+    c = SchemaCheck(source)
+    cal = c.obj({"c": data}, "c", where)
+    c.integer(cal, "samples", f"{where}.samples", 1, MAX_SAMPLES, required=False)
+    c.integer(cal, "batch_size", f"{where}.batch_size", 1, MAX_BATCH, required=False)
+    c.integer(cal, "seed", f"{where}.seed", 0, 2**32 - 1, required=False)
+    c.integer(cal, "images", f"{where}.images", 0, MAX_SAMPLES, required=False)
+    for key in ("method", "data", "stats"):
+        c.value(cal, key, f"{where}.{key}", str, required=False)
+    _optional_number(c, cal, "percentile", f"{where}.percentile")
+    digest = c.value(cal, "image_set_sha256", f"{where}.image_set_sha256", str, required=False)
+    if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
+        c.fail(f"{where}.image_set_sha256", f"expected 64 lowercase hex digits, got {brief(digest)}")
+    return cal
+
+
+def validate_quantization_plan(data: Any, source: str, where: str = "quantization_plan") -> Dict[str, Any]:
+    """A manifest's ``quantization_plan`` (``QuantPlan.to_dict``): what ``QuantPlan.from_dict`` and
+    the layer-wise comparison read, typed and ranged. Per layer and per attention tensor, keys beyond
+    those are accepted when they are scalars (``_scalar_extras``)."""
+    c = SchemaCheck(source)
+    plan = c.obj({"p": data}, "p", where)
+    c.value(plan, "model", f"{where}.model", str)
+    layers = c.value(plan, "layers", f"{where}.layers", list)
+    if len(layers) > MAX_PLAN_ENTRIES:
+        c.fail(f"{where}.layers", f"{len(layers)} entries, more than {MAX_PLAN_ENTRIES}")
+    names = set()
+    for i, layer in enumerate(layers):
+        lw = f"{where}.layers[{i}]"
+        layer = c.obj({"l": layer}, "l", lw)
+        name = c.value(layer, "name", f"{lw}.name", str)
+        if name in names:
+            c.fail(f"{lw}.name", f"{brief(name)} is planned twice")
+        names.add(name)
+        c.choice(layer, "kind", f"{lw}.kind", PLAN_LAYER_KINDS)
+        precision = c.choice(layer, "precision", f"{lw}.precision", PLAN_PRECISIONS)
+        c.value(layer, "reason", f"{lw}.reason", str)
+        amax = _optional_number(c, layer, "input_amax", f"{lw}.input_amax", 0.0)
+        if precision == "int8" and amax is None:
+            c.fail(f"{lw}.input_amax", "an int8 layer needs its calibrated input range")
+        _optional_number(c, layer, "input_scale", f"{lw}.input_scale", 0.0)
+        _optional_number(c, layer, "sensitivity", f"{lw}.sensitivity")
+        _scalar_extras(c, layer, ("name", "kind", "precision", "reason", "input_amax", "input_scale", "sensitivity"), lw)
+    if plan.get("calibration") is not None:
+        validate_calibration(plan["calibration"], source, f"{where}.calibration")
+    smoothing = c.obj(plan, "smoothing", f"{where}.smoothing", required=False)
+    if smoothing is not None:
+        alpha = c.number(smoothing.get("alpha"), f"{where}.smoothing.alpha")
+        if not 0.0 <= alpha <= 1.0:
+            c.fail(f"{where}.smoothing.alpha", f"expected a number in [0, 1], got {brief(smoothing['alpha'])}")
+        pairs = c.value(smoothing, "pairs", f"{where}.smoothing.pairs", list, required=False) or []
+        if len(pairs) > MAX_PLAN_ENTRIES:
+            c.fail(f"{where}.smoothing.pairs", f"{len(pairs)} entries, more than {MAX_PLAN_ENTRIES}")
+        for i, pair in enumerate(pairs):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(n, str) and len(n) <= MAX_NAME for n in pair)):
+                c.fail(f"{where}.smoothing.pairs[{i}]", f"expected [LayerNorm name, Linear name], got {brief(pair)}")
+    c.obj(plan, "mixed_precision", f"{where}.mixed_precision", required=False)
+    attention = c.obj(plan, "attention_matmuls", f"{where}.attention_matmuls", required=False)
+    if attention is not None:
+        tensors = c.value(attention, "tensors", f"{where}.attention_matmuls.tensors", list)
+        if len(tensors) > MAX_PLAN_ENTRIES:
+            c.fail(f"{where}.attention_matmuls.tensors", f"{len(tensors)} entries, more than {MAX_PLAN_ENTRIES}")
+        for i, t in enumerate(tensors):
+            tw = f"{where}.attention_matmuls.tensors[{i}]"
+            t = c.obj({"t": t}, "t", tw)
+            c.value(t, "name", f"{tw}.name", str)
+            c.choice(t, "tensor", f"{tw}.tensor", ATTENTION_TENSOR_KINDS)
+            amax = c.number(t.get("amax"), f"{tw}.amax")
+            if amax < 0:
+                c.fail(f"{tw}.amax", f"expected a non-negative number, got {brief(t['amax'])}")
+            c.value(t, "calibrated", f"{tw}.calibrated", bool)
+            _optional_number(c, t, "scale", f"{tw}.scale", 0.0)
+            _scalar_extras(c, t, ("name", "tensor", "amax", "calibrated", "scale"), tw)
+    return plan
+
+
+def validate_located(data: Any, source: str, where: str) -> Dict[str, Any]:
+    """Where a comparison point is in an artifact (``probe.Located.to_dict``): a tensor name or
+    null, an integer grid or null, a note."""
+    c = SchemaCheck(source)
+    entry = c.obj({"e": data}, "e", where)
+    c.value(entry, "tensor", f"{where}.tensor", str, required=False)
+    c.value(entry, "note", f"{where}.note", str, required=False)
+    quant = c.obj(entry, "quant", f"{where}.quant", required=False)
+    if quant is not None:
+        scale = c.number(quant.get("scale"), f"{where}.quant.scale")
+        if scale <= 0:
+            c.fail(f"{where}.quant.scale", f"expected a positive number, got {brief(quant['scale'])}")
+        lo = c.integer(quant, "qmin", f"{where}.quant.qmin", -(1 << 31), (1 << 32) - 1)
+        hi = c.integer(quant, "qmax", f"{where}.quant.qmax", lo, (1 << 32) - 1)
+        c.integer(quant, "zero_point", f"{where}.quant.zero_point", lo, hi)
+    return entry
+
+
+POINTS_FORMAT = "crossvit_edge tensorrt points"
+
+
+def validate_points_file(data: Any, source: str) -> Dict[str, Dict[str, Any]]:
+    """The points file ``debug`` writes for a TensorRT bundle (``--points`` of the device runner):
+    its ``located`` map, every entry checked (``validate_located``)."""
+    if not isinstance(data, dict) or data.get("format") != POINTS_FORMAT:
+        raise UserError(f"{source}: not a points file of python -m crossvit_edge.debug (expected a JSON object with "
+                        f"format {POINTS_FORMAT!r}, got {brief(data if not isinstance(data, dict) else data.get('format'))})")
+    c = SchemaCheck(source)
+    located = c.obj(data, "located", "located")
+    if len(located) > MAX_PLAN_ENTRIES:
+        c.fail("located", f"{len(located)} points, more than {MAX_PLAN_ENTRIES}")
+    for key, entry in located.items():
+        validate_located(entry, source, f"located[{brief(key, 80)}]")
+    return located
 
 
 def verify_files(root: Path, manifest: Dict[str, Any], source: str) -> None:

@@ -37,7 +37,10 @@ def quiet_libraries(verbose: bool) -> None:
     """Quiet the libraries' loggers. torch configures its own loggers when it is imported,
     overriding levels set before, so the CLIs call this again once torch is in (torch is imported
     only after the input has been validated, which keeps bad input fast to refuse)."""
-    for noisy in NOISY_LOGGERS:
+    # Python warnings (torch's, torchao's, coremltools' UserWarnings on import) go through logging as
+    # "py.warnings", quiet unless -v: a refusal's one stderr line is never preceded by library noise
+    logging.captureWarnings(True)
+    for noisy in NOISY_LOGGERS + ("py.warnings",):
         logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
 
 

@@ -21,12 +21,14 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .cli_common import check_int, check_output_outside, make_output_dir, quiet_libraries, require_convert_extra, run_cli, setup_logging
+from .cli_common import check_int, check_output_outside, quiet_libraries, require_convert_extra, run_cli, setup_logging
 from .errors import UserError, brief
 
 PROG = "crossvit_edge.debug"
 TRT_POINTS_FILE = "tensorrt_points.json"
-MAX_INTERMEDIATE_BYTES = 8 << 30
+# a device's intermediates file (debug --merge): the file and what its arrays inflate to, in all
+MAX_INTERMEDIATE_BYTES = 2 << 30
+MAX_INTERMEDIATE_POINTS = 100_000  # points (arrays) in it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,25 +59,35 @@ def write_text(path: Path, text: str) -> None:
             os.unlink(tmp)
 
 
-def calibration_context(bundle, calib_data: Optional[Path], model, plan):
-    """What a probe may need: the (smoothed, if the plan was) fp32 model and, with ``--calib-data``,
-    the build's calibration batches: the same sample (size and seed from the manifest), checked
-    against its recorded sha256. The manifest's own data path is never read (a bundle names no
+def calibration_images(bundle, calib_data: Optional[Path]):
+    """With ``--calib-data``, the build's calibration sample (size and seed from the manifest,
+    checked at open), checked against its recorded sha256; None without it. Torch-free: run before
+    any work that depends on it. The manifest's own data path is never read (a bundle names no
     paths outside itself)."""
-    from crossvit_edge.converters.probe import ProbeContext
-
     settings = bundle.manifest.get("calibration") or {}
     if calib_data is None or not settings:
-        return ProbeContext(model=model, plan=plan)
+        return None
     from .data import open_image_set
 
-    check_int("calibration.samples", settings.get("samples"), 1)
-    check_int("calibration.batch_size", settings.get("batch_size"), 1, 4096)
+    if settings.get("samples") is None or settings.get("batch_size") is None:
+        raise UserError(f"--calib-data: {bundle.name} records no calibration sample size or batch size (built from --calib-stats?)")
     images = open_image_set(calib_data).sample(settings["samples"], seed=int(settings.get("seed") or 0))
     if settings.get("image_set_sha256") and images.sha256() != settings["image_set_sha256"]:
         raise UserError(f"--calib-data {brief(str(calib_data), 200)}: its sample of {settings['samples']} images is not the one the bundle "
                         "was calibrated on (sha256 differs from the manifest's calibration.image_set_sha256)")
-    pre, batch = bundle.preprocessing, int(settings["batch_size"])
+    return images
+
+
+def calibration_context(bundle, calib_data: Optional[Path], model, plan, images=None):
+    """What a probe may need: the (smoothed, if the plan was) fp32 model and, with ``--calib-data``
+    (or its sample ``images`` from ``calibration_images``), the build's calibration batches."""
+    from crossvit_edge.converters.probe import ProbeContext
+
+    if images is None:
+        images = calibration_images(bundle, calib_data)
+    if images is None:
+        return ProbeContext(model=model, plan=plan)
+    pre, batch = bundle.preprocessing, int(bundle.manifest["calibration"]["batch_size"])
     if plan is not None and plan.smoothing:
         model = smoothed_model(model, plan, lambda: images.batches(pre, batch), -(-len(images) // batch))
     return ProbeContext(model=model, plan=plan, calibration_batches=lambda: images.batches(pre, batch))
@@ -112,43 +124,64 @@ def tensorrt_points(bundle, points, layers) -> Optional[Dict[str, Any]]:
 
 def load_device_values(path: Path, images, num_classes: int) -> Dict[str, Any]:
     """The device runner's results file written with ``--points``: its logits and the arrays of its
-    intermediates file (``.npz``, read without pickle), ordered as ``images``."""
-    from crossvit_edge.bundle import check_relative_name, resolve_in_bundle
+    intermediates file, ordered as ``images``. Every part is checked before it is used: the
+    ``intermediates`` entry against its schema, the file by the size and sha256 the results file
+    records (the intermediates of another run are refused), then each array by its ``.npy`` header
+    (``npz.CheckedNpz``: float, one row per image, bounded in all) before its data is read."""
+    from crossvit_edge.bundle import SchemaCheck, resolve_in_bundle, validate_located
     from crossvit_edge.converters.probe import Located
 
+    from . import safe_io
     from .harness import check_results_images, load_results
+    from .npz import CheckedNpz
 
+    label = f"--merge {brief(str(path), 200)}"
     result = load_results(path, num_classes)
-    check_results_images(result, images, f"--merge {brief(str(path), 200)}")
+    check_results_images(result, images, label)
     entry = result.get("intermediates")
     if not isinstance(entry, dict) or not isinstance(entry.get("points"), dict):
-        raise UserError(f"--merge {brief(str(path), 200)}: no intermediates (run the device runner with --points {TRT_POINTS_FILE})")
-    name = check_relative_name(entry.get("file"), "intermediates.file")
-    npz = resolve_in_bundle(Path(path).resolve().parent, name, "intermediates.file")
-    if not npz.is_file() or npz.stat().st_size > MAX_INTERMEDIATE_BYTES:
-        raise UserError(f"--merge: intermediates file {brief(name)} is missing or larger than {MAX_INTERMEDIATE_BYTES >> 30} GiB")
+        raise UserError(f"{label}: no intermediates (run the device runner with --points {TRT_POINTS_FILE})")
+    c = SchemaCheck(label)
+    name = c.path(entry, "file", "intermediates.file")
+    size = c.integer(entry, "bytes", "intermediates.bytes", 0, MAX_INTERMEDIATE_BYTES)
+    digest = c.value(entry, "sha256", "intermediates.sha256", str)
+    if len(entry["points"]) > MAX_INTERMEDIATE_POINTS:
+        c.fail("intermediates.points", f"{len(entry['points'])} points, more than {MAX_INTERMEDIATE_POINTS}")
+    points = {}
+    for key, point in entry["points"].items():
+        where = f"intermediates.points[{brief(key, 80)}]"
+        validate_located(point, label, where)
+        c.value(point, "array", f"{where}.array", str, required=False)
+        c.value(point, "status", f"{where}.status", str, required=False)
+        points[key] = point
+    npz = resolve_in_bundle(Path(path).resolve().parent, name, f"{label}: intermediates.file")
+    where = f"{label}: intermediates file {brief(name)}"
+    if safe_io.sha256(npz, where, max_bytes=size) != digest or os.stat(npz).st_size != size:
+        raise UserError(f"{where}: not the file this results file was written with (size or sha256 differs)")
+    rows = len(result["images"])
     order = [result["images"].index(p.relative_to(images.root).as_posix()) for p in images.paths]
     located: Dict[str, Located] = {}
     values: Dict[str, np.ndarray] = {}
-    try:
-        with np.load(npz, allow_pickle=False) as arrays:
-            for key, point in entry["points"].items():
-                if not isinstance(point, dict):
-                    raise UserError(f"--merge: intermediates.points[{brief(key)}] is not an object")
-                loc = Located.from_dict(point)
-                array = point.get("array")
-                if loc.tensor is not None and array in arrays.files:
-                    data = np.asarray(arrays[array], np.float32)
-                    if data.shape[0] != len(result["images"]) or not np.isfinite(data).all():
-                        raise UserError(f"--merge: intermediates of {brief(key)}: expected {len(result['images'])} finite rows")
-                    values[key] = data[order]
-                elif loc.tensor is not None:
-                    loc = Located(None, loc.quant, point.get("status") or "not marked on the device")
-                located[key] = loc
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"--merge: cannot read the intermediates file {brief(name)} ({brief(str(e), 200)})") from None
+    with CheckedNpz(npz, where, max_file_bytes=size, max_inflated_bytes=MAX_INTERMEDIATE_BYTES,
+                    max_members=MAX_INTERMEDIATE_POINTS) as arrays:
+        available = set(arrays.names())
+        for key, point in points.items():
+            loc = Located.from_dict(point)
+            array = point.get("array")
+            if loc.tensor is not None and array in available:
+                data = arrays.array(array, f"points[{brief(key, 80)}]", kinds="f", ndims=(1, 8), first_dim=rows,
+                                    max_values=MAX_INTERMEDIATE_BYTES // 4).astype(np.float32)
+                if not np.isfinite(data).all():
+                    raise UserError(f"{where}: points[{brief(key, 80)}]: values must be finite")
+                values[key] = data[order]
+            elif loc.tensor is not None:
+                loc = Located(None, loc.quant, point.get("status") or "not marked on the device")
+            located[key] = loc
     return {"located": located, "values": values, "logits": result["logits"][order],
             "source": f"TensorRT engine on the device, the points marked as network outputs ({brief(result.get('runner') or 'device', 300)})"}
+
+
+OUTPUT_FILES = ("layerwise.json", "layerwise.md", "layerwise.png", "float_layers.txt", TRT_POINTS_FILE)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -157,18 +190,21 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def body() -> int:
         require_convert_extra()
-        from .bundle import open_bundle, write_json
+        from .bundle import check_output_folder, open_bundle, staged_output, write_json
         from .data import open_image_set
 
         check_int("--samples", args.samples, 1)
         check_int("--threads", args.threads, 1, 1024)
         check_output_outside(args.output, {"--data": args.data, "--calib-data": args.calib_data})
-        bundle = open_bundle(args.bundle)
+        check_output_folder(args.output, OUTPUT_FILES, PROG)
+        bundle = open_bundle(args.bundle)  # the manifest's plan and calibration sections are checked here too
         if args.merge is not None and bundle.target != "tensorrt":
             raise UserError(f"--merge takes a TensorRT device results file; {bundle.name} is a {bundle.target} bundle")
         images = open_image_set(args.data)
         images = images.sample(min(args.samples, len(images)), seed=0)
-        make_output_dir(args.output)
+        # the device's results and intermediates, checked before any work that depends on them
+        device = load_device_values(args.merge, images, bundle.num_classes) if args.merge is not None else None
+        calib_images = calibration_images(bundle, args.calib_data)
 
         from crossvit_edge.calibration.plan import QuantPlan
 
@@ -184,12 +220,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         plan = QuantPlan.from_dict(bundle.manifest["quantization_plan"]) if bundle.manifest.get("quantization_plan") else None
         x = images.load(bundle.preprocessing).astype(np.float32)
         notes: List[str] = []
-        if args.merge is not None:
-            runner, device = None, load_device_values(args.merge, images, bundle.num_classes)
-        else:
+        runner = None
+        if args.merge is None:
             runner, notes = _open_runner(bundle, args.threads)
-            device = None
-        context = calibration_context(bundle, args.calib_data, ckpt.model, plan)
+        context = calibration_context(bundle, args.calib_data, ckpt.model, plan, images=calib_images)
         try:
             report = compare_bundle(runner, ckpt.model, x, plan, context, device_values=device)
         finally:
@@ -200,21 +234,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         report = {**header, **report}
         out = Path(args.output)
         command = f"python -m crossvit_edge.convert ... --float-layers {out / FLOAT_LAYERS_FILE}"
-        if report["float_layers"]:
-            write_text(out / FLOAT_LAYERS_FILE, f"# layers {PROG} found losing the most SNR in {bundle.name}; one per line\n"
-                       + "".join(f"{n}\n" for n in report["float_layers"]))
-            report["float_layers_file"] = FLOAT_LAYERS_FILE
-        if bundle.target == "tensorrt" and args.merge is None:
-            points, layers = reference_points(ckpt.model, plan)
-            write_json(out / TRT_POINTS_FILE, tensorrt_points(bundle, points, layers))
-            notes.append(f"on the device: python -m crossvit_edge.converters.tensorrt.device {bundle.name} --data DIR --points "
-                         f"{TRT_POINTS_FILE} --output results.json; then here: python -m {PROG} {bundle.name} --data DIR --merge results.json")
-        write_json(out / "layerwise.json", report)
-        md = markdown_report(report, header, command)
-        for note in notes:
-            md += f"\n- {note}"
-        write_text(out / "layerwise.md", md + ("\n" if notes else ""))
-        plot_report(report, out / "layerwise.png", f"{bundle.name}: SNR and cosine vs fp32 at every point")
+        # the whole folder at once: a previous run's float_layers.txt never survives beside this report
+        with staged_output(args.output, OUTPUT_FILES, PROG) as stage:
+            if report["float_layers"]:
+                write_text(stage / FLOAT_LAYERS_FILE, f"# layers {PROG} found losing the most SNR in {bundle.name}; one per line\n"
+                           + "".join(f"{n}\n" for n in report["float_layers"]))
+                report["float_layers_file"] = FLOAT_LAYERS_FILE
+            if bundle.target == "tensorrt" and args.merge is None:
+                points, layers = reference_points(ckpt.model, plan)
+                write_json(stage / TRT_POINTS_FILE, tensorrt_points(bundle, points, layers))
+                notes.append(f"on the device: python -m crossvit_edge.converters.tensorrt.device {bundle.name} --data DIR --points "
+                             f"{TRT_POINTS_FILE} --output results.json; then here: python -m {PROG} {bundle.name} --data DIR --merge results.json")
+            write_json(stage / "layerwise.json", report)
+            md = markdown_report(report, header, command)
+            for note in notes:
+                md += f"\n- {note}"
+            write_text(stage / "layerwise.md", md + ("\n" if notes else ""))
+            plot_report(report, stage / "layerwise.png", f"{bundle.name}: SNR and cosine vs fp32 at every point")
         print(md)
         print(f"wrote {out / 'layerwise.json'}, layerwise.md, layerwise.png" + (f", {FLOAT_LAYERS_FILE}" if report["float_layers"] else ""))
         return 0

@@ -285,9 +285,26 @@ def stage_check(ctx: ConversionContext, bundle_dir: Path, artifact, manifest: Di
         desc = runner.description
     finally:
         runner.close()
-    result = compare_logits(logits, reference, labels)
+    result = check_metrics(logits, reference, labels)
     result.update(images_source=source, runner=desc, file=file)
     result.update(judge_check(result, ctx.spec.precision, ctx.spec.max_drop))
+    return result
+
+
+def check_metrics(logits: np.ndarray, reference: np.ndarray, labels: Optional[np.ndarray]) -> Dict[str, Any]:
+    """``compare_logits`` of the artifact against fp32, over the images whose logits are finite; the
+    count of the others is ``non_finite_images`` (an artifact that overflows, fp16 past 65504, is a
+    failed check, not numbers that cannot be written: ``judge_check`` fails it)."""
+    finite = np.isfinite(np.asarray(logits, np.float64)).all(axis=1)
+    bad = int((~finite).sum())
+    if bad == 0:
+        return compare_logits(logits, reference, labels)
+    if finite.any():
+        result = compare_logits(logits[finite], reference[finite], None if labels is None else labels[finite])
+        result["images"] = int(len(logits))
+    else:
+        result = {"images": int(len(logits)), "top1_agreement": 0.0}
+    result["non_finite_images"] = bad
     return result
 
 
@@ -299,6 +316,9 @@ def judge_check(check: Dict[str, Any], precision: str, max_drop: Optional[float]
     if max_drop is not None:
         limits["top1_drop_points"] = float(max_drop)
     failures = []
+    if check.get("non_finite_images"):
+        failures.append(f"{check['non_finite_images']} of {check.get('images')} images gave non-finite logits (NaN or infinity; "
+                        f"the other numbers are over the finite ones)")
     for key in ("top1_agreement", "cosine"):
         value = check.get(key)
         if value is not None and not (value >= limits[key]):  # NaN fails

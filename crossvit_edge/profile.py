@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .cli_common import check_int, check_output_outside, make_output_dir, quiet_libraries, require_convert_extra, run_cli, setup_logging
+from .cli_common import check_int, check_output_outside, quiet_libraries, require_convert_extra, run_cli, setup_logging
 from .errors import brief
 
 PROG = "crossvit_edge.profile"
+REPORT_FILES = ("report.json", "report.md", "report.png")  # the output folder, written as a whole
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +46,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         require_convert_extra()
         # Everything untrusted (bundles, results files, images) and every flag is checked here,
         # torch-free, before the checkpoint loads and before any profiling work.
-        from .bundle import open_bundle
+        from .bundle import check_output_folder, open_bundle, staged_output
         from .data import open_image_set
         from .errors import UserError
         from .harness import ProfileSettings, check_results_images, load_results, profile_bundles, write_report
@@ -72,7 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         bundle_labels = next((b.labels for b in bundles if b.labels is not None), None)
         if bundle_labels is not None and not args.ignore_class_names:  # folder names vs labels, before any heavy work
             images = images.with_class_names(bundle_labels, bundles[0].num_classes, "--ignore-class-names")
-        make_output_dir(args.output)
+        check_output_folder(args.output, REPORT_FILES, PROG)  # written as a whole at the end (bundle.staged_output)
 
         from .checkpoint import load_checkpoint  # torch from here on
         from .preprocess import Preprocessing
@@ -96,7 +97,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         images = images.with_class_names(None if args.ignore_class_names else labels, ckpt.num_classes, "--ignore-class-names")
         pre = bundles[0].preprocessing if bundles else Preprocessing(ckpt.model.config.img_size, ckpt.model.config.crop_pct)
         report = profile_bundles(bundles, images, pre, ckpt.model, settings, merged)
-        md = write_report(report, args.output)
+        with staged_output(args.output, REPORT_FILES, PROG) as stage:
+            md = write_report(report, stage)
         print(md)
         print(f"wrote {args.output / 'report.json'}, report.md, report.png")
         return 0

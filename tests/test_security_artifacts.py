@@ -503,6 +503,39 @@ def test_coreml_package_paths_stay_inside(tmp_path, coreml_bundle):
             MILProgram.load(bundle / rel).run({"image": np.zeros((1, 3, 240, 240), np.float32)})
 
 
+def test_coreml_paths_outside_refused_before_any_work_and_quietly(tmp_path, coreml_bundle):
+    """Issue 29: a Core ML bundle whose spec references a weight file outside was refused only
+    after ~75 s and 1 GB (reading the package's protobuf imported coremltools, which imports torch
+    and its converters) and with a torch warning as a second stderr line. The package's protobuf
+    is now read with the generated modules alone: neither torch nor coremltools is imported, and
+    profile's refusal is one line."""
+    from crossvit_edge.converters.coreml_mil import blob_file_values, read_model_spec
+
+    rel = json.loads((coreml_bundle / "manifest.json").read_text())["artifact"]["file"]
+    bundle = tmp_path / "weights-out"
+    shutil.copytree(coreml_bundle, bundle)
+    spec, model_dir = read_model_spec(bundle / rel)
+    for value in blob_file_values(spec):
+        value.fileName = "@model_path/../../../../outside/weight.bin"
+    (model_dir / "model.mlmodel").write_bytes(spec.SerializeToString())
+    _resign(bundle)
+    code = ("import sys\nfrom crossvit_edge.bundle import open_bundle\nfrom crossvit_edge.errors import UserError\n"
+            "try:\n    open_bundle(sys.argv[1])\nexcept UserError as e:\n    print(e)\n"
+            "print(sorted(m for m in ('torch', 'coremltools') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
+    refusal, imported = r.stdout.strip().splitlines()
+    assert "not a plain relative name" in refusal and imported == "[]", r.stdout
+    (tmp_path / "images" / "0").mkdir(parents=True)
+    write_png(tmp_path / "images" / "0" / "x.png")
+    r = subprocess.run([sys.executable, "-m", "crossvit_edge.profile", str(bundle), "--data", str(tmp_path / "images"), "--output",
+                        str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                       timeout=300)
+    _one_line(r, "not a plain relative name")
+    assert not (tmp_path / "out").exists()
+
+
 def test_coreml_signature_against_the_manifest(tmp_path, coreml_bundle):
     from crossvit_edge.bundle import open_bundle
 

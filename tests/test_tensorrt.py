@@ -1071,3 +1071,21 @@ def test_device_cli_builds_and_writes_mergeable_results(tmp_path, micro_checkpoi
     assert np.asarray(result["logits"]).shape == (len(images), 10)
     assert {"bundle", "target", "precision", "runner", "device", "latency", "engine_bytes", "device_memory_bytes"} <= set(result)
     assert result["latency"]["runs"] == 5
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"points"', "null"])
+def test_device_cli_points_file_of_any_json_is_one_line(bundle_of, digits_dir, tmp_path, content):
+    """Issue 29: a --points file that is a JSON list, string or null ended in AttributeError; now
+    it is refused in one line, before any build, with or without TensorRT installed."""
+    points = tmp_path / "points.json"
+    points.write_text(content)
+    code = BLOCK_TORCH + textwrap.dedent(
+        f"""
+        from crossvit_edge.converters.tensorrt.device import main
+        sys.exit(main([{str(bundle_of("jetson-orin-nano-jp6"))!r}, "--data", {str(digits_dir / "val")!r}, "--points", {str(points)!r},
+                       "--output", {str(tmp_path / "r.json")!r}]))
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a points file" in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "r.json").exists()

@@ -707,25 +707,22 @@ MAX_POINTS_BYTES = 64 << 20
 
 def read_points_file(path: Path) -> Dict[str, Dict[str, Any]]:
     """The points file ``python -m crossvit_edge.debug`` writes for a TensorRT bundle: point key ->
-    where it is in the engine's ONNX (``tensor`` name or null, quantization grid, note)."""
-    from crossvit_edge.bundle import load_json_file
+    where it is in the engine's ONNX (``tensor`` name or null, quantization grid, note), checked
+    against its schema (``bundle.validate_points_file``) before any build."""
+    from crossvit_edge.bundle import load_json_file, validate_points_file
+    from crossvit_edge.errors import brief
 
-    data = load_json_file(path, f"--points {path}", max_bytes=MAX_POINTS_BYTES)
-    located = data.get("located") if isinstance(data, dict) else None
-    if data.get("format") != "crossvit_edge tensorrt points" or not isinstance(located, dict):
-        raise UserError(f"--points {path}: not a points file of python -m crossvit_edge.debug")
-    for key, entry in located.items():
-        if not isinstance(entry, dict) or not (entry.get("tensor") is None or isinstance(entry.get("tensor"), str)):
-            raise UserError(f"--points {path}: located[{key!r}] needs a tensor name or null")
-    return located
+    source = f"--points {brief(str(path), 200)}"
+    return validate_points_file(load_json_file(path, source, max_bytes=MAX_POINTS_BYTES), source)
 
 
 def write_intermediates(output: Path, located: Dict[str, Dict[str, Any]], status: Dict[str, str], arrays: Dict[str, np.ndarray]) -> Dict[str, Any]:
     """Write the marked tensors' values (one row per image, as the results' ``images``) beside the
     results file as ``<name>.intermediates.npz`` (numpy arrays, no pickle), atomically; returns the
-    results file's ``intermediates`` entry: each point's tensor, status and array name."""
-    import os
-    import tempfile
+    results file's ``intermediates`` entry: each point's tensor, status and array name, and the
+    file's size and sha256 (``debug --merge`` refuses an intermediates file that is not the one this
+    results file was written with: a run killed between the two writes, or a file swapped in)."""
+    import hashlib
 
     output = Path(output)
     name = f"{output.stem}.intermediates.npz"
@@ -738,15 +735,12 @@ def write_intermediates(output: Path, located: Dict[str, Dict[str, Any]], status
             point["array"] = f"p{i}"
             saved[f"p{i}"] = np.asarray(arrays[tensor], np.float32)
         points[key] = point
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **saved)
-        os.replace(tmp, output.parent / name)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return {"file": name, "points": points}
+    with safe_io.atomic_writer(output.parent / name) as f:
+        np.savez(f, **saved)
+    digest = hashlib.sha256()
+    for chunk in safe_io.read_chunks(output.parent / name, max_bytes=1 << 62):
+        digest.update(chunk)
+    return {"file": name, "points": points, "bytes": (output.parent / name).stat().st_size, "sha256": digest.hexdigest()}
 
 
 def folder_results(bundle: Path, manifest: Dict[str, Any], runner: Runner, images, logits: np.ndarray, seconds: List[float],
@@ -815,22 +809,45 @@ def _refuse_overwriting_inputs(bundle: Path, manifest: Dict[str, Any], options: 
 
 
 def _refresh_listed_files(bundle: Path, manifest: Dict[str, Any], written: List[Optional[Path]]) -> None:
-    """A build on the device writes the engine, layer information and timing cache: record their
-    sizes and sha256 in ``files`` (new entries, or the entries of files the conversion host had
-    built, which the next open would otherwise refuse as modified; the manifest is rewritten
-    atomically). The runner and the next build read an engine or timing cache only when listed."""
-    from crossvit_edge.bundle import MANIFEST, sha256_file, write_json
+    """A build on the device writes the engine, layer information and timing cache (or
+    ``--adopt-engine`` lists what build_engine.sh wrote): record their sizes and sha256 in ``files``
+    (new entries, or the entries of files the conversion host had built, which the next open would
+    otherwise refuse as modified). The runner and the next build read an engine or timing cache
+    only when listed. Bounded and verified before anything is replaced: each file is a regular file
+    whose size keeps the listed total within ``bundle.MAX_BUNDLE_BYTES`` (checked before a byte is
+    hashed: a sparse terabyte is refused by its size), each hash reads no more than that size, and
+    the new manifest must pass ``validate_manifest`` before it is renamed over the old one."""
+    import copy
+    import os
+    import stat
+
+    from crossvit_edge.bundle import MANIFEST, MAX_BUNDLE_BYTES, validate_manifest, write_json
+    from crossvit_edge.errors import brief
 
     root = Path(bundle).resolve()
-    files = manifest.get("files", {})
-    changed = False
+    new = copy.deepcopy(manifest)
+    files = new.setdefault("files", {})
+    sizes: Dict[str, Tuple[Path, int]] = {}
     for path in written:
-        rel = path.resolve().relative_to(root).as_posix() if path is not None and path.is_file() else None
-        if rel is not None:
-            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-            changed = True
-    if changed:
-        write_json(root / MANIFEST, manifest)
+        if path is None or not os.path.lexists(path):
+            continue
+        rel = path.resolve().relative_to(root).as_posix()
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{bundle}: {brief(rel)} is not a regular file (a link, folder or device): not listing it")
+        sizes[rel] = (path, st.st_size)
+    if not sizes:
+        return
+    total = sum(e["bytes"] for rel, e in files.items() if rel not in sizes) + sum(size for _, size in sizes.values())
+    if total > MAX_BUNDLE_BYTES:
+        raise UserError(f"{bundle}: listing {', '.join(brief(r) for r in sizes)} ({sum(s for _, s in sizes.values())} bytes) would make the "
+                        f"bundle list {total} bytes, more than the {MAX_BUNDLE_BYTES >> 30} GiB a bundle may (the manifest is unchanged)")
+    for rel, (path, size) in sizes.items():
+        files[rel] = {"sha256": safe_io.sha256(path, f"{bundle}: {brief(rel)}", max_bytes=size, follow_symlinks=False), "bytes": size}
+    validate_manifest(json.loads(json.dumps(new)), f"{bundle}: the manifest with {', '.join(brief(r) for r in sizes)} listed")
+    write_json(root / MANIFEST, new)  # a new file renamed over the old one
+    manifest.clear()
+    manifest.update(new)
 
 
 def _load_and_run_once(bundle: Path, manifest: Dict[str, Any]) -> None:
@@ -858,7 +875,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
-    from crossvit_edge.cli_common import check_int, run_cli  # standard library only: fine on a Jetson
+    from crossvit_edge.cli_common import check_int, quiet_libraries, run_cli  # standard library only: fine on a Jetson
+
+    quiet_libraries(args.verbose)
 
     def body() -> int:
         from crossvit_edge.bundle import open_bundle, write_json
@@ -871,6 +890,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         bundle, manifest = opened.root, opened.manifest
         if manifest.get("target") != "tensorrt":
             raise UserError(f"{bundle} is a {manifest.get('target')} bundle, not tensorrt")
+        located = read_points_file(args.points) if args.points else None  # checked before any build
         from crossvit_edge.isolation import in_child
 
         # TensorRT parses the bundle's ONNX (build) and engine (load) in a child process first, before
@@ -898,7 +918,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         if len(images) == 0:
             raise UserError(f"no images in {args.data}")
         pre = Preprocessing.from_dict(manifest["preprocessing"])
-        located = read_points_file(args.points) if args.points else None
         marked: Dict[str, str] = {}
         engine_bytes = None
         if located is not None:  # the layer-wise comparison's engine: the same build with the points as outputs
