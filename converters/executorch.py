@@ -40,6 +40,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from crossvit_edge.convert_flags import TARGET_PRECISIONS
 from crossvit_edge.errors import UserError, brief
 
 from .base import Artifact, Converter, Runner
@@ -490,7 +491,7 @@ def write_bundled_program(program, model, inputs: List[np.ndarray], path: Path) 
 
 class ExecuTorchConverter(Converter):
     target = "executorch"
-    precisions = ("fp32", "fp16", "int8")
+    precisions = TARGET_PRECISIONS["executorch"]  # crossvit_edge.convert_flags: the one table
     requires = ("executorch", "torchao")
     extra = "executorch"
 

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from crossvit_edge.convert_flags import TARGET_PRECISIONS
 from crossvit_edge.errors import UserError, brief
 # the int8 forms' closed lists live with the profile schema that offers them: one source
 from crossvit_edge.device_profiles import ONNX_ACTIVATION_DTYPES as ACTIVATION_DTYPES
@@ -697,7 +698,7 @@ def export_for_precision(ctx, path: Path, opset: int, precision: str, fp16_with_
 
 class OnnxConverter(Converter):
     target = "onnx"
-    precisions = ("fp32", "fp16", "int8")
+    precisions = TARGET_PRECISIONS["onnx"]  # crossvit_edge.convert_flags: the one table
     requires = ("onnx", "onnxruntime", "onnxscript")
 
     def validate(self, spec) -> None:

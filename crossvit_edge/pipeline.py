@@ -339,6 +339,10 @@ def convert(spec: BuildSpec) -> Dict[str, Any]:
     if spec.profile is not None:
         spec.options = {**spec.profile.options, **spec.options}
     spec.validate()
+    from .convert_flags import not_applied
+
+    for reason in not_applied(spec):  # a spec built in Python (the CLI refuses these): said, and left out of the manifest
+        log.warning("WARNING: %s; it is not applied and not recorded in the manifest", reason)
     converter = get_converter(spec.target)
     converter.validate(spec)
     ctx = stage_load(spec)
