@@ -639,6 +639,13 @@ class ExecuTorchRunner(Runner):
         out = self._method.execute([self._torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))])
         return out[0].detach().numpy().astype(np.float32)
 
+    def close(self) -> None:
+        # the Method holds the delegate (XNNPACK's packed weights and workspace) and its planned
+        # memory, the Program the program bytes: dropped, the runtime frees them. The Runtime is
+        # process-wide (Runtime.get()) and stays.
+        self._method = None
+        self._program = None
+
     def probe(self, points, layers, context=None):
         """ETDump intermediate outputs where the runtime records them; the XNNPACK delegate records
         none inside its subgraphs (checked on this very program: ``delegate_intermediate_outputs``),

@@ -552,6 +552,10 @@ class OnnxRuntimeRunner(Runner):
     def run(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})[0].astype(np.float32)
 
+    def close(self) -> None:
+        # the InferenceSession owns the model, its initialisers and its arena: dropping it frees them
+        self.session = None
+
     def probe(self, points, layers, context=None):
         """The points as extra graph outputs of an in-memory copy of the artifact (the bundle is
         never modified), run by ONNX Runtime with this runner's settings: the real kernels."""
