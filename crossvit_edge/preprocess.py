@@ -159,15 +159,21 @@ def load_image(source: Union[str, Path, bytes], name: Optional[str] = None) -> I
     """The decoded image (its first frame), under ``open_image``'s limits, in its stored pixel
     order: EXIF orientation is never applied, by any decoder (docs/embedding.md)."""
     with open_image(source, name) as im:
-        orientation = im.tag_v2.get(ORIENTATION_TAG) if im.format == "TIFF" else None
-        im.load()
-        image = im.copy()
-        if orientation in STORED_ORDER and ORIENTATION_TAG not in im.tag_v2:
-            # Pillow's TIFF plugin (alone among the decoders: JPEG, PNG eXIf and WebP are left as
-            # stored) transposes by the Orientation tag in load_end and drops the tag; undo it so a
-            # TIFF gives the tensor its pixels give in every other format and in the C++ app
-            image = image.transpose(STORED_ORDER[orientation])
-        return image
+        return decode_as_stored(im, copy=True)
+
+
+def decode_as_stored(im: Image.Image, copy: bool = False) -> Image.Image:
+    """Decode an opened image's pixels in their stored order (a copy with ``copy``, else ``im``
+    itself where nothing was transposed). Pillow's TIFF plugin, alone among the decoders (JPEG,
+    PNG eXIf and WebP are left as stored), transposes by the Orientation tag when it loads and
+    drops the tag: undone here, so a TIFF gives the tensor its pixels give in every other format
+    and in the C++ app."""
+    orientation = im.tag_v2.get(ORIENTATION_TAG) if im.format == "TIFF" and getattr(im, "tile", None) else None
+    im.load()
+    image = im.copy() if copy else im
+    if orientation in STORED_ORDER and ORIENTATION_TAG not in im.tag_v2:
+        image = image.transpose(STORED_ORDER[orientation])
+    return image
 
 
 ORIENTATION_TAG = 0x0112  # EXIF/TIFF Orientation

@@ -205,6 +205,10 @@ def _as_pil(image: ImageLike) -> Image.Image:
             raise UserError(f"PIL image in format {brief(image.format)} not yet decoded: this tool decodes only {', '.join(FORMAT_NAMES)} "
                             "(decode it yourself, or pass the file's path or bytes)")
         check_image_size(image.size, "PIL image")
+        if isinstance(image, ImageFile.ImageFile) and image.tile:
+            from .preprocess import decode_as_stored
+
+            return decode_as_stored(image)  # decoded here: as every decoder here does, orientation not applied
         return image
     if isinstance(image, (bytes, bytearray, memoryview)):
         from .preprocess import load_image

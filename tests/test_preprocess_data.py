@@ -120,3 +120,14 @@ def test_exif_orientation_is_never_applied(name, orientation):
         assert np.array_equal(got, pixels)
     pre = Preprocessing()
     np.testing.assert_array_equal(pre(load_image(tagged)), pre(load_image(plain)))
+
+
+def test_undecoded_pil_tiff_passed_to_the_runtime_keeps_its_stored_pixels(tmp_path):
+    """A TIFF the app opened with Pillow but did not decode is decoded by the runtime like a file."""
+    import io
+
+    from crossvit_edge.runtime import _as_pil
+
+    pixels = np.random.default_rng(1).integers(0, 256, (30, 52, 3), dtype=np.uint8)
+    opened = Image.open(io.BytesIO(encode_with_orientation(pixels, "TIFF", {}, 6)))
+    assert np.array_equal(np.asarray(_as_pil(opened).convert("RGB")), pixels)
