@@ -49,7 +49,7 @@ CHECK_ADVICE = {
              "ExecuTorch's fp16 program runs them in fp16) or build fp32"),
     "int8-weights": "build fp16, or int8 with calibration",
     "int8": ("calibrate on more, or more representative, images (--calib-data, --calib-samples), try another "
-             "--calib-method (entropy, percentile, mse, minmax) or --smooth-alpha 0.5, or return the most sensitive "
+             "--calib-method (onnx and tensorrt: entropy, percentile, mse, minmax) or --smooth-alpha 0.5, or return the most sensitive "
              "layers to float with --max-drop POINTS --eval-data DIR"),
 }
 # every failed check also names the command that finds where the error comes from

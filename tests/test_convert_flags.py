@@ -35,8 +35,9 @@ def inputs(tmp_path):
     return {"images": images, "stats": stats, "layers": layers}
 
 
-def profile_for(target: str) -> str:
-    return next(name for name in list_profiles() if load_profile(name).target == target)
+def profile_for(target: str):
+    """A shipped profile of ``target`` (None where there is none: its --profile cell is not walked)."""
+    return next((name for name in list_profiles() if load_profile(name).target == target), None)
 
 
 def example_args(flag: str, target: str, inputs) -> list:
@@ -94,6 +95,8 @@ def test_every_flag_target_precision(tmp_path, inputs, monkeypatch, capsys):
     refused = reached = 0
     for flag in FLAGS:
         for target, precisions in TARGET_PRECISIONS.items():
+            if flag.name == "--profile" and profile_for(target) is None:
+                continue
             for precision in precisions:
                 argv = ["--target", target, "--precision", precision, "--output", out,
                         *example_args(flag.name, target, inputs), *needed_args(flag, target, precision, inputs)]
