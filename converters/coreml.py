@@ -50,6 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from crossvit_edge.convert_flags import TARGET_PRECISIONS
 from crossvit_edge.errors import UserError
 
 from .base import Artifact, Converter, Runner
@@ -422,7 +423,7 @@ def _set_metadata(mlmodel, ctx, info: Dict[str, Any]) -> None:
 
 class CoreMLConverter(Converter):
     target = "coreml"
-    precisions = ("fp32", "fp16", "int8-weights", "int8")
+    precisions = TARGET_PRECISIONS["coreml"]  # crossvit_edge.convert_flags: the one table
     requires = ("coremltools",)
     extra = "coreml"
 

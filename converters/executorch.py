@@ -40,6 +40,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from crossvit_edge.convert_flags import TARGET_PRECISIONS
 from crossvit_edge.errors import UserError, brief
 
 from .base import Artifact, Converter, Runner
@@ -490,7 +491,7 @@ def write_bundled_program(program, model, inputs: List[np.ndarray], path: Path) 
 
 class ExecuTorchConverter(Converter):
     target = "executorch"
-    precisions = ("fp32", "fp16", "int8")
+    precisions = TARGET_PRECISIONS["executorch"]  # crossvit_edge.convert_flags: the one table
     requires = ("executorch", "torchao")
     extra = "executorch"
 
@@ -637,6 +638,13 @@ class ExecuTorchRunner(Runner):
     def run(self, images: np.ndarray) -> np.ndarray:
         out = self._method.execute([self._torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))])
         return out[0].detach().numpy().astype(np.float32)
+
+    def close(self) -> None:
+        # the Method holds the delegate (XNNPACK's packed weights and workspace) and its planned
+        # memory, the Program the program bytes: dropped, the runtime frees them. The Runtime is
+        # process-wide (Runtime.get()) and stays.
+        self._method = None
+        self._program = None
 
     def probe(self, points, layers, context=None):
         """ETDump intermediate outputs where the runtime records them; the XNNPACK delegate records

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from crossvit_edge.convert_flags import TARGET_PRECISIONS
 from crossvit_edge.errors import UserError, brief
 # the int8 forms' closed lists live with the profile schema that offers them: one source
 from crossvit_edge.device_profiles import ONNX_ACTIVATION_DTYPES as ACTIVATION_DTYPES
@@ -551,6 +552,10 @@ class OnnxRuntimeRunner(Runner):
     def run(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})[0].astype(np.float32)
 
+    def close(self) -> None:
+        # the InferenceSession owns the model, its initialisers and its arena: dropping it frees them
+        self.session = None
+
     def probe(self, points, layers, context=None):
         """The points as extra graph outputs of an in-memory copy of the artifact (the bundle is
         never modified), run by ONNX Runtime with this runner's settings: the real kernels."""
@@ -697,7 +702,7 @@ def export_for_precision(ctx, path: Path, opset: int, precision: str, fp16_with_
 
 class OnnxConverter(Converter):
     target = "onnx"
-    precisions = ("fp32", "fp16", "int8")
+    precisions = TARGET_PRECISIONS["onnx"]  # crossvit_edge.convert_flags: the one table
     requires = ("onnx", "onnxruntime", "onnxscript")
 
     def validate(self, spec) -> None:

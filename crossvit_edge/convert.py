@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import List, Optional
 
 from .cli_common import quiet_libraries, require_convert_extra, run_cli, setup_logging
+from .convert_flags import FLAGS, PRECISIONS, TARGETS, check_given
 from .device_profiles import list_profiles, load_profile
 from .spec import CALIBRATION_METHODS, DEMO_CHECKPOINT, BuildSpec, CalibrationSettings
 
 PROG = "crossvit_edge.convert"
-TARGETS = ("onnx", "tensorrt", "coreml", "executorch")
-PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
 CHECK_FAILED_EXIT = 3  # --fail-on-check and the check failed (2 is bad input)
 
 
@@ -32,18 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="static batch size (default: the profile's, else 1)")
     g = p.add_argument_group("calibration (int8)")
     g.add_argument("--calib-data", type=Path, help="folder of calibration images (ImageFolder or plain)")
-    g.add_argument("--calib-samples", type=int, default=256)
-    g.add_argument("--calib-method", default="entropy", help=f"one of {', '.join(CALIBRATION_METHODS)}")
-    g.add_argument("--calib-percentile", type=float, default=99.99)
-    g.add_argument("--calib-batch-size", type=int, default=8)
-    g.add_argument("--calib-seed", type=int, default=0)
+    # no argparse defaults where the table (convert_flags) decides whether a flag applies: "given"
+    # must mean given; the defaults are CalibrationSettings' and BuildSpec's
+    calib = CalibrationSettings()
+    g.add_argument("--calib-samples", type=int, help=f"default {calib.samples}")
+    g.add_argument("--calib-method", help=f"one of {', '.join(CALIBRATION_METHODS)} (default {calib.method})")
+    g.add_argument("--calib-percentile", type=float, help=f"with --calib-method percentile (default {calib.percentile})")
+    g.add_argument("--calib-batch-size", type=int, help=f"default {calib.batch_size}")
+    g.add_argument("--calib-seed", type=int, help=f"default {calib.seed}")
     g.add_argument("--calib-stats", type=Path, help="reuse a calibration_stats.npz instead of running images")
     g.add_argument("--smooth-alpha", type=float, help="fold LayerNorm outliers into the next Linear (alpha in [0,1])")
     g.add_argument("--float-layers", type=Path, help="file of plan layer names to keep float, one per line "
                    "(python -m crossvit_edge.debug writes float_layers.txt)")
     g.add_argument("--max-drop", type=float, help="return the most sensitive layers to float until top-1 drops at most this many points")
     p.add_argument("--eval-data", type=Path, help="held-out images for the accuracy check and --max-drop")
-    p.add_argument("--eval-samples", type=int, default=200)
+    p.add_argument("--eval-samples", type=int, help="default 200")
     p.add_argument("--ignore-class-names", action="store_true",
                    help="score --eval-data by sorted folder order even where the folder names are not the checkpoint's labels")
     p.add_argument("--fail-on-check", action="store_true",
@@ -52,10 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, help="ONNX opset (default: the profile's, else 17)")
     p.add_argument("--require-engine", action="store_true", help="tensorrt: fail unless the engine could be built here")
     p.add_argument("--image-input", action="store_true", help="coreml: take an image input with normalisation folded in")
-    p.add_argument("--bundled-inputs", type=int, default=0, help="executorch: also write a BundledProgram with N test inputs")
+    p.add_argument("--bundled-inputs", type=int, help="executorch: also write a BundledProgram with N test inputs")
     p.add_argument("--etdump", action="store_true", help="executorch: profile one run with ETDump and save it in the bundle")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+# CalibrationSettings field -> argparse dest, for the flags without an argparse default
+CALIBRATION_FLAGS = {"samples": "calib_samples", "method": "calib_method", "percentile": "calib_percentile",
+                     "batch_size": "calib_batch_size", "seed": "calib_seed"}
+
+
+def given_values(args: argparse.Namespace, names: dict) -> dict:
+    """field -> value for the flags of ``names`` (field -> dest) given on the command line."""
+    return {field: getattr(args, dest) for field, dest in names.items() if getattr(args, dest) is not None}
+
+
+def given_flags(args: argparse.Namespace) -> List[str]:
+    """The table's flags given on the command line (argparse leaves an absent one None or False)."""
+    return [f.name for f in FLAGS if getattr(args, f.name.lstrip("-").replace("-", "_"), None) not in (None, False)]
 
 
 def spec_from_args(args: argparse.Namespace) -> BuildSpec:
@@ -67,7 +84,7 @@ def spec_from_args(args: argparse.Namespace) -> BuildSpec:
         options["require_engine"] = True
     if args.image_input:
         options["image_input"] = True
-    if args.bundled_inputs:  # 0 is the default (none); a negative count is refused by BuildSpec.validate
+    if args.bundled_inputs is not None:  # a negative count is refused by BuildSpec.validate
         options["bundled_inputs"] = args.bundled_inputs
     if args.etdump:
         options["etdump"] = True
@@ -80,20 +97,12 @@ def spec_from_args(args: argparse.Namespace) -> BuildSpec:
         # "is not None": --batch-size 0 must be refused, not replaced by the default
         batch_size=args.batch_size if args.batch_size is not None else (profile.batch_size if profile else 1),
         profile=profile,
-        calibration=CalibrationSettings(
-            data=args.calib_data,
-            samples=args.calib_samples,
-            method=args.calib_method,
-            percentile=args.calib_percentile,
-            batch_size=args.calib_batch_size,
-            seed=args.calib_seed,
-            stats=args.calib_stats,
-        ),
+        calibration=CalibrationSettings(data=args.calib_data, stats=args.calib_stats, **given_values(args, CALIBRATION_FLAGS)),
         smoothing_alpha=args.smooth_alpha,
         max_drop=args.max_drop,
         float_layers=args.float_layers,
         eval_data=args.eval_data,
-        eval_samples=args.eval_samples,
+        **given_values(args, {"eval_samples": "eval_samples"}),
         ignore_class_names=args.ignore_class_names,
         options=options,
         overwrite=args.overwrite,
@@ -108,6 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         require_convert_extra()
         spec = spec_from_args(args)
         spec.validate()  # every flag and profile value, and the output, before torch is imported
+        check_given(spec, given_flags(args))  # a flag that does not apply to this target and precision
 
         from .pipeline import convert
 

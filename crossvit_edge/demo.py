@@ -101,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 precision=precision,
                 checkpoint=checkpoint,
                 profile=load_profile(profile) if profile else None,
-                calibration=CalibrationSettings(data=train_dir, samples=args.calib_samples),
+                calibration=CalibrationSettings(data=train_dir, samples=args.calib_samples) if precision == "int8" else CalibrationSettings(),
                 eval_data=val_dir,
                 eval_samples=100,
                 overwrite=True,

@@ -49,7 +49,7 @@ CHECK_ADVICE = {
              "ExecuTorch's fp16 program runs them in fp16) or build fp32"),
     "int8-weights": "build fp16, or int8 with calibration",
     "int8": ("calibrate on more, or more representative, images (--calib-data, --calib-samples), try another "
-             "--calib-method (entropy, percentile, mse, minmax) or --smooth-alpha 0.5, or return the most sensitive "
+             "--calib-method (onnx and tensorrt: entropy, percentile, mse, minmax) or --smooth-alpha 0.5, or return the most sensitive "
              "layers to float with --max-drop POINTS --eval-data DIR"),
 }
 # every failed check also names the command that finds where the error comes from
@@ -359,6 +359,10 @@ def convert(spec: BuildSpec) -> Dict[str, Any]:
     if spec.profile is not None:
         spec.options = {**spec.profile.options, **spec.options}
     spec.validate()
+    from .convert_flags import not_applied
+
+    for reason in not_applied(spec):  # a spec built in Python (the CLI refuses these): said, and left out of the manifest
+        log.warning("WARNING: %s; it is not applied and not recorded in the manifest", reason)
     converter = get_converter(spec.target)
     converter.validate(spec)
     ctx = stage_load(spec)

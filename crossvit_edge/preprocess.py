@@ -156,10 +156,32 @@ def open_image(source: Union[str, Path, bytes], name: Optional[str] = None) -> I
 
 
 def load_image(source: Union[str, Path, bytes], name: Optional[str] = None) -> Image.Image:
-    """The decoded image (its first frame), under ``open_image``'s limits."""
+    """The decoded image (its first frame), under ``open_image``'s limits, in its stored pixel
+    order: EXIF orientation is never applied, by any decoder (docs/embedding.md)."""
     with open_image(source, name) as im:
-        im.load()
-        return im.copy()
+        return decode_as_stored(im, copy=True)
+
+
+def decode_as_stored(im: Image.Image, copy: bool = False) -> Image.Image:
+    """Decode an opened image's pixels in their stored order (a copy with ``copy``, else ``im``
+    itself where nothing was transposed). Pillow's TIFF plugin, alone among the decoders (JPEG,
+    PNG eXIf and WebP are left as stored), transposes by the Orientation tag when it loads and
+    drops the tag: undone here, so a TIFF gives the tensor its pixels give in every other format
+    and in the C++ app."""
+    orientation = im.tag_v2.get(ORIENTATION_TAG) if im.format == "TIFF" and getattr(im, "tile", None) else None
+    im.load()
+    image = im.copy() if copy else im
+    if orientation in STORED_ORDER and ORIENTATION_TAG not in im.tag_v2:
+        image = image.transpose(STORED_ORDER[orientation])
+    return image
+
+
+ORIENTATION_TAG = 0x0112  # EXIF/TIFF Orientation
+# Orientation -> the transpose that takes Pillow's oriented TIFF back to the stored pixels (the
+# inverse of ImageOps.exif_transpose's: 6 and 8 are rotations the other way, the rest self-inverse)
+STORED_ORDER = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_270}
 
 
 class UnsupportedImageFormat(UserError):

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from .cli_common import check_float, check_int, check_output_outside, check_output_writable
+from .convert_flags import PRECISIONS
 from .device_profiles import MAX_BATCH, OPSETS, TARGETS, DeviceProfile
 from .errors import UserError, brief
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
-PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
 MAX_SAMPLES = 10_000_000
 MAX_BUNDLED_INPUTS = 1000
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "crossvit_tiny_240_digits.safetensors"
@@ -100,21 +100,29 @@ class BuildSpec:
         check_output_writable(out)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {
+        """The build settings for the manifest: only those that took effect for this target and
+        precision (crossvit_edge.convert_flags), so that a reader never sees a setting the build ignored."""
+        from .convert_flags import applies
+
+        full = {
             "target": self.target,
             "precision": self.precision,
             "checkpoint": str(self.checkpoint),
             "model": self.model,
             "batch_size": self.batch_size,
             "profile": self.profile.name if self.profile else None,
-            "calibration": self.calibration.to_dict(),
             "smoothing_alpha": self.smoothing_alpha,
             "max_drop": self.max_drop,
             "float_layers": read_float_layers(self.float_layers) if self.float_layers else None,
             "eval_data": str(self.eval_data) if self.eval_data else None,
+            "eval_samples": self.eval_samples,
             "ignore_class_names": self.ignore_class_names,
-            "options": self.options,
         }
+        out = {k: v for k, v in full.items() if applies(self, k)}
+        calibration = {k: v for k, v in self.calibration.to_dict().items() if applies(self, f"calibration.{k}")}
+        out["calibration"] = calibration or None
+        out["options"] = {k: v for k, v in self.options.items() if applies(self, f"options.{k}")}
+        return out
 
 
 MAX_FLOAT_LAYERS_BYTES = 1 << 20

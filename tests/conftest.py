@@ -159,7 +159,8 @@ def build_bundle(out: Path, checkpoint, digits_dir: Path, target: str, precision
     from crossvit_edge.spec import BuildSpec, CalibrationSettings
 
     spec = BuildSpec(target=target, output=out, precision=precision, checkpoint=str(checkpoint), batch_size=batch_size,
-                     calibration=CalibrationSettings(data=digits_dir / "train", samples=calib_samples),
+                     # calibration settings only where they apply (convert_flags: others are warned about)
+                     calibration=CalibrationSettings(data=digits_dir / "train", samples=calib_samples) if precision == "int8" else CalibrationSettings(),
                      eval_data=digits_dir / "val", eval_samples=eval_samples, overwrite=True)
     convert(spec)
     return out

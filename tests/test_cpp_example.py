@@ -356,3 +356,40 @@ def test_cpp_app_on_the_demo_int8_bundle_over_the_digits_val_split(app, demo_che
     bundle = _build(tmp_path / "executorch-int8", demo_checkpoint, digits_dir, calib_samples=256, eval_samples=100)
     compare_with_python_runtime(app, bundle, digits_dir / "val", tmp_path)
     merged_agreement_matches(bundle, tmp_path / "results.json", digits_dir / "val", demo_checkpoint)
+
+
+def test_cpp_exif_orientation_is_never_applied(app, int8_bundle, tmp_path):
+    """JPEG (APP1 Exif) and PNG (eXIf) carrying orientations 3, 6 and 8: the app decodes the stored
+    pixels, as crossvit_edge.preprocess does: its tensor for a tagged file equals its tensor for the
+    same pixels untagged, and the Python runtime's. TIFF and WebP, the other formats that carry an
+    orientation, the app does not decode: it refuses them in one line rather than guess."""
+    from crossvit_edge.runtime import load
+
+    from .test_preprocess_data import encode_with_orientation
+
+    pixels = np.random.default_rng(0).integers(0, 256, (120, 260, 3), dtype=np.uint8)  # wide: a rotation would show
+    folder = tmp_path / "oriented"
+    folder.mkdir()
+    formats = {".jpg": ("JPEG", {"quality": 95, "subsampling": 0}), ".png": ("PNG", {})}
+    tagged, plain = [], []
+    for suffix, (fmt, options) in formats.items():
+        for orientation in (3, 6, 8):
+            path = folder / f"o{orientation}{suffix}"
+            path.write_bytes(encode_with_orientation(pixels, fmt, options, orientation))
+            tagged.append(path)
+            plain_path = folder / f"plain{orientation}{suffix}"
+            plain_path.write_bytes(encode_with_orientation(pixels, fmt, options, None))
+            plain.append(plain_path)
+    run_app(app, int8_bundle, *tagged, "--dump-input", tmp_path / "tagged.npy")
+    run_app(app, int8_bundle, *plain, "--dump-input", tmp_path / "plain.npy")
+    got, untagged = np.load(tmp_path / "tagged.npy"), np.load(tmp_path / "plain.npy")
+    with load(int8_bundle) as model:
+        python = model.preprocess(tagged)
+    for path, g, u, p in zip(tagged, got, untagged, python):
+        assert np.array_equal(g, u), path.name  # the tag changes nothing in the app
+        limit = 1e-6 if path.suffix == ".png" else 1.01 / 255 / 0.224  # two libjpeg-turbo builds may differ by a level
+        assert float(np.abs(g - p).max()) <= limit, path.name
+    for fmt, options in (("TIFF", {}), ("WEBP", {"lossless": True})):
+        path = folder / f"o6.{fmt.lower()}"
+        path.write_bytes(encode_with_orientation(pixels, fmt, options, 6))
+        _one_line_refusal(run_app(app, int8_bundle, path, check=False), fmt, "not a PNG or JPEG image")

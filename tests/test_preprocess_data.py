@@ -77,3 +77,57 @@ def test_image_folder_labels_sampling_and_bad_files(digits_dir, tmp_path, caplog
     with pytest.raises(UserError, match="image folder not found"):
         open_image_set(tmp_path / "nope")
     assert s.sha256() == open_image_set(digits_dir / "val").sha256()
+
+
+# EXIF orientation is never applied: the same stored pixels give the same tensor whatever the tag says
+ORIENTED_FORMATS = {
+    "jpeg": ("JPEG", {"quality": 95, "subsampling": 0}),
+    "tiff": ("TIFF", {}),
+    "tiff-lzw": ("TIFF", {"compression": "tiff_lzw"}),  # libtiff's path in Pillow
+    "png-exif": ("PNG", {}),  # the eXIf chunk
+    "webp": ("WEBP", {"lossless": True}),
+}
+
+
+def encode_with_orientation(pixels: np.ndarray, fmt: str, options: dict, orientation) -> bytes:
+    import io
+
+    kw = dict(options)
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kw["exif"] = exif
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, fmt, **kw)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("name", sorted(ORIENTED_FORMATS))
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_never_applied(name, orientation):
+    import io
+
+    from crossvit_edge.preprocess import load_image
+
+    fmt, options = ORIENTED_FORMATS[name]
+    pixels = np.random.default_rng(orientation).integers(0, 256, (30, 52, 3), dtype=np.uint8)  # not square: a rotation shows
+    tagged = encode_with_orientation(pixels, fmt, options, orientation)
+    plain = encode_with_orientation(pixels, fmt, options, None)
+    assert Image.open(io.BytesIO(tagged)).getexif().get(0x0112) == orientation, "the file carries the tag"
+    got, reference = np.asarray(load_image(tagged).convert("RGB")), np.asarray(load_image(plain).convert("RGB"))
+    assert got.shape == pixels.shape and np.array_equal(got, reference), name
+    if fmt != "JPEG":
+        assert np.array_equal(got, pixels)
+    pre = Preprocessing()
+    np.testing.assert_array_equal(pre(load_image(tagged)), pre(load_image(plain)))
+
+
+def test_undecoded_pil_tiff_passed_to_the_runtime_keeps_its_stored_pixels(tmp_path):
+    """A TIFF the app opened with Pillow but did not decode is decoded by the runtime like a file."""
+    import io
+
+    from crossvit_edge.runtime import _as_pil
+
+    pixels = np.random.default_rng(1).integers(0, 256, (30, 52, 3), dtype=np.uint8)
+    opened = Image.open(io.BytesIO(encode_with_orientation(pixels, "TIFF", {}, 6)))
+    assert np.array_equal(np.asarray(_as_pil(opened).convert("RGB")), pixels)

@@ -14,6 +14,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from crossvit_edge.convert_flags import TARGET_PRECISIONS
 from crossvit_edge.errors import UserError
 
 from ..base import Artifact, Converter
@@ -107,7 +108,7 @@ def implicit_int8_graph(ctx, proto, target: TrtTarget, out_dir: Path, stem: str)
 
 class TensorRTConverter(Converter):
     target = "tensorrt"
-    precisions = ("fp32", "fp16", "int8")
+    precisions = TARGET_PRECISIONS["tensorrt"]  # crossvit_edge.convert_flags: the one table
     requires = ("onnx", "onnxruntime")
 
     def validate(self, spec) -> None:
