@@ -891,6 +891,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if manifest.get("target") != "tensorrt":
             raise UserError(f"{bundle} is a {manifest.get('target')} bundle, not tensorrt")
         located = read_points_file(args.points) if args.points else None  # checked before any build
+        # the image folder too: every input is read and checked before the environment (TensorRT,
+        # CUDA) is asked for anything, so a bad input is one line on any machine
+        images = open_image_set(args.data)
+        if len(images) == 0:
+            raise UserError(f"no images in {args.data}")
         from crossvit_edge.isolation import in_child
 
         # TensorRT parses the bundle's ONNX (build) and engine (load) in a child process first, before
@@ -914,9 +919,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         # changes) before any engine is loaded or CUDA touched; --build ran the same check first
         # thing in build_engine, after the bundle's own checks (which need no TensorRT).
         check_installed_version(manifest.get("tensorrt") or {})
-        images = open_image_set(args.data)
-        if len(images) == 0:
-            raise UserError(f"no images in {args.data}")
         pre = Preprocessing.from_dict(manifest["preprocessing"])
         marked: Dict[str, str] = {}
         engine_bytes = None
