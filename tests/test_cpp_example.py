@@ -439,3 +439,4 @@ def test_cpp_manifest_number_out_of_range_is_exit_2(app, int8_bundle, digits_dir
         (bundle / "manifest.json").write_text(text.replace('"crop_pct": ', f'"crop_pct": {number}, "was": ', 1))
         assert number in (bundle / "manifest.json").read_text()
         _one_line_refusal(run_app(app, bundle, image, check=False), number, "manifest.json")
+
