@@ -89,6 +89,11 @@ def _proto():
     return (importlib.import_module(f"{_PROTO_PACKAGE}.MIL_pb2"), importlib.import_module(f"{_PROTO_PACKAGE}.Model_pb2"))
 
 
+# A splatted constant (one value for a whole declared shape) is the one value the checker expands
+# itself: a few bytes of spec could otherwise ask for terabytes. No constant of a CrossViT program
+# comes near it; it equals the largest input batch a manifest may declare (bundle.MAX_BATCH_INPUT_BYTES).
+MAX_SPLAT_BYTES = 256 << 20
+
 # MIL DataType enum name -> numpy dtype (None: no numpy storage type)
 _NP_DTYPES: Dict[str, Any] = {
     "BOOL": np.bool_,
@@ -219,8 +224,11 @@ def _decode_value(value, blobs: Callable[[str], BlobFile]) -> Any:
         arr = np.zeros(0, dtype=dtype)
     else:
         arr = np.asarray(list(getattr(tv, field).values)).astype(dtype)
-    n = int(np.prod(shape, dtype=np.int64))
-    if arr.size == 1 and n != 1:  # a splatted constant
+    n = math.prod(int(d) for d in shape)  # Python ints: a hostile shape cannot wrap around int64
+    if arr.size == 1 and n != 1:  # a splatted constant: one value stands for the declared shape
+        if n * np.dtype(dtype).itemsize > MAX_SPLAT_BYTES:
+            raise MILCheckerError(f"a splatted constant declares {ttype.describe()} ({n * np.dtype(dtype).itemsize} bytes), "
+                                  f"more than the checker's {MAX_SPLAT_BYTES} (refused before allocating)")
         arr = np.full(n, arr.reshape(()), dtype=dtype)
     if arr.size != n:
         raise MILCheckerError(f"immediate value holds {arr.size} values, declared {ttype.describe()}")

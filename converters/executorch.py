@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import threading
+import weakref
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -573,6 +576,46 @@ def _test_inputs(ctx, n: int) -> List[np.ndarray]:
     return [flat[i : i + batch] for i in range(0, len(flat) - batch + 1, batch)][:n]
 
 
+class ThreadPoolGate:
+    """ExecuTorch's thread pool (XNNPACK's workers) is one per process, sized to the cores at start;
+    ``torch.set_num_threads`` does not reach it. Resizing it (``_unsafe_reset_threadpool``)
+    replaces the pool, and every XNNPACK method loaded before keeps the old one: a model serving
+    on other threads then crashes (measured: SIGABRT, glibc's mutex assertion, one attempt in
+    three with 8 threads serving; SIGSEGV once the calls in flight were waited for). The rule: a
+    load with ``threads=N`` resizes the pool only while no ExecuTorch model is loaded in the
+    process; while one is, a load asking for another size is refused in one line, and a load with
+    the pool's size or ``threads=None`` shares it. Loads are serialised with each other. A forked
+    child (``crossvit_edge.isolation``) starts with no model loaded: ExecuTorch recreates its pool
+    after a fork, and the parent's models are not the child's."""
+
+    def __init__(self):
+        self._reset_state()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset_state)
+
+    def _reset_state(self) -> None:
+        self.lock = threading.RLock()
+        self.loaded: "weakref.WeakSet" = weakref.WeakSet()  # runners whose methods hold the pool
+
+    def set_size(self, threads: Optional[int], what: str) -> None:
+        """Call with ``lock`` held, before loading a method."""
+        if not threads:
+            return
+        from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
+
+        size = _threadpool_get_thread_count()
+        if size == threads:
+            return
+        if len(self.loaded):
+            raise UserError(f"{what}: threads={threads}, but ExecuTorch's thread pool is process-wide and {len(self.loaded)} "
+                            f"loaded model(s) in this process use it with {size} threads: load with threads={size} or "
+                            "threads=None, or close those models first")
+        _unsafe_reset_threadpool(threads)
+
+
+POOL = ThreadPoolGate()
+
+
 class ExecuTorchRunner(Runner):
     """ExecuTorch's Python runtime (the same C++ runtime an app links) on this host's CPU.
 
@@ -597,20 +640,22 @@ class ExecuTorchRunner(Runner):
         super().__init__(bundle_dir, manifest, artifact, threads)
         try:
             import torch
-            from executorch.runtime import Runtime, Verification
+            import executorch.runtime  # noqa: F401
         except ImportError:
             raise UserError("running .pte files needs the executorch package (pip install 'crossvit-edge[executorch]')") from None
-        from crossvit_edge.artifact_check import read_listed_file
 
         self._torch = torch
-        if threads:
-            # The runtime's thread pool (XNNPACK's workers) is process-wide and sized to the cores at
-            # start; torch.set_num_threads does not reach it. Resetting is "unsafe" only while a
-            # method runs, and nothing runs while a runner is being built.
-            from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
+        self._call_lock = threading.Lock()  # one Method's planned buffers serve one call at a time
+        with POOL.lock:
+            POOL.set_size(threads, f"bundle {self.bundle_dir.name}")
+            self._load(manifest)
+            POOL.loaded.add(self)
 
-            if _threadpool_get_thread_count() != threads:
-                _unsafe_reset_threadpool(threads)
+    def _load(self, manifest) -> None:
+        from executorch.runtime import Runtime, Verification
+
+        from crossvit_edge.artifact_check import read_listed_file
+
         where = f"bundle {self.bundle_dir.name}: {self.artifact_path.name}"
         # a bundle's manifest lists the file: the bytes loaded are the bytes verified; the pipeline's
         # check of the program it has just written runs before the manifest (and its files) exists
@@ -636,8 +681,16 @@ class ExecuTorchRunner(Runner):
         return f"executorch {version('executorch')} runtime, XNNPACK delegate{inside}, CPU"
 
     def run(self, images: np.ndarray) -> np.ndarray:
-        out = self._method.execute([self._torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))])
-        return out[0].detach().numpy().astype(np.float32)
+        x = self._torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        with self._call_lock:
+            out = self._method.execute([x])
+            return out[0].detach().numpy().astype(np.float32)
+
+    def close(self) -> None:
+        """Drop the method and program (and their hold on the process-wide thread pool)."""
+        with POOL.lock, self._call_lock:
+            self._method = self._program = None
+            POOL.loaded.discard(self)
 
     def close(self) -> None:
         # the Method holds the delegate (XNNPACK's packed weights and workspace) and its planned

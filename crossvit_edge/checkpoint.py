@@ -106,8 +106,10 @@ def _read_pickle(path: Path) -> Dict[str, torch.Tensor]:
                 "(re-save it as a plain state dict or .safetensors)"
             ) from None
         raise UserError(f"cannot read {path}: corrupt or truncated checkpoint ({msg})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot read {path}: corrupt or truncated checkpoint ({_first_line(e)})") from None
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001: a hostile or non-pickle file makes the unpickler raise anything (IndexError, TypeError, ...)
+        raise UserError(f"cannot read {path}: corrupt or truncated checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     return _unwrap(obj, path)
 
 
@@ -156,7 +158,11 @@ def infer_variant(sd: Mapping[str, torch.Tensor]) -> str:
 def _num_classes(sd: Mapping[str, torch.Tensor]) -> int:
     if "head.0.weight" not in sd:
         raise UserError("checkpoint has no 'head.0.weight': not a CrossViT classifier state dict")
-    return int(sd["head.0.weight"].shape[0])
+    shape = tuple(sd["head.0.weight"].shape)
+    if len(shape) != 2 or shape[0] < 1:
+        raise UserError(f"checkpoint's 'head.0.weight' has shape {shape}: a classifier head is (classes, features), "
+                        "at least one class")
+    return int(shape[0])
 
 
 def _hub_unreachable(endpoint: str, timeout: float = 5.0) -> Optional[str]:

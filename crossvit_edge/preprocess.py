@@ -107,7 +107,14 @@ class Preprocessing:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Grayscale, palette, CMYK and RGBA become RGB; transparency is composited on black as
     PIL's plain convert does, which is what torchvision's ``.convert("RGB")`` loaders do too."""
-    return image if image.mode == "RGB" else image.convert("RGB")
+    if image.mode == "RGB":
+        return image
+    try:
+        # Pillow converts every mode to RGB directly except premultiplied "La", which it converts
+        # to "LA" first (un-premultiplying, as it does for "RGBa"); a mode it cannot convert is one line.
+        return (image.convert("LA") if image.mode == "La" else image).convert("RGB")
+    except (ValueError, OSError) as e:
+        raise UserError(f"image in PIL mode {brief(str(image.mode), 20)}: cannot convert it to RGB ({brief(str(e), 120)})") from None
 
 
 def check_image_size(size: Tuple[int, int], name: str) -> None:

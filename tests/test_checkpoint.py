@@ -140,3 +140,31 @@ def test_cli_bad_checkpoints_give_one_line(tmp_path, model, setup, expected):
     assert len(lines) == 1 and lines[0].startswith("crossvit_edge.convert: error:") and expected in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,content", [
+    ("text.pth", b"a"),                      # a text file: the unpickler's APPEND on an empty stack (IndexError)
+    ("short.pth", b"\x80"),                 # a PROTO opcode without its byte (IndexError)
+    ("words.pth", b"hello world\nthis is text\n"),
+])
+def test_non_checkpoint_files_are_one_line(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="corrupt or truncated|refusing to load") as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("head", [torch.tensor(1.0), torch.zeros(0, 4), torch.zeros(5)])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_head_that_is_not_a_matrix_is_one_line(model, tmp_path, head, suffix):
+    """A 0-d, 1-d or empty ``head.0.weight``: the class count cannot be read from it."""
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["head.0.weight"] = head
+    path = tmp_path / f"c{suffix}"
+    if suffix == ".pth":
+        torch.save(sd, path)
+    else:
+        save_checkpoint(sd, path)
+    with pytest.raises(UserError, match="'head.0.weight' has shape"):
+        load_checkpoint(path)

@@ -510,3 +510,35 @@ def test_demo_model_acceptance_full_val(tmp_path_factory, demo_checkpoint, digit
     assert agree["fp16"] >= 0.995
     assert top1["fp32"] - top1["int8"] <= 0.01
     assert sizes["int8-weights"] <= 0.3 * sizes["fp32"] and sizes["int8"] <= 0.3 * sizes["fp32"]
+
+
+@pytest.mark.parametrize("dims", [[16384, 8192], [1 << 20, 1 << 20], [1 << 40, 1 << 40, 1 << 40]])
+def test_splatted_constant_is_bounded_before_allocating(dims):
+    """One float standing for a declared 512 MiB, 4 TiB, or a shape whose size wraps int64: refused
+    by its declared size (MAX_SPLAT_BYTES) before numpy allocates it (before: 3.2 GB allocated,
+    declared terabytes a MemoryError), and a small splat still expands."""
+    import tracemalloc
+
+    from coremltools.proto import MIL_pb2
+
+    from crossvit_edge.converters.coreml_mil import MAX_SPLAT_BYTES, MILCheckerError, _decode_value
+
+    def splat(shape):
+        value = MIL_pb2.Value()
+        value.type.tensorType.dataType = MIL_pb2.DataType.Value("FLOAT32")
+        value.type.tensorType.rank = len(shape)
+        for d in shape:
+            value.type.tensorType.dimensions.add().constant.size = d
+        value.immediateValue.tensor.floats.values.append(1.5)
+        return value
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(MILCheckerError, match="splatted constant .* more than the checker's"):
+            _decode_value(splat(dims), blobs=None)
+        assert tracemalloc.get_traced_memory()[1] < 16 << 20
+    finally:
+        tracemalloc.stop()
+    small = _decode_value(splat([3, 4]), blobs=None)
+    assert small.shape == (3, 4) and small.dtype == np.float32 and np.all(small == 1.5)
+    assert MAX_SPLAT_BYTES == 256 << 20

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -393,3 +394,86 @@ def test_cpp_exif_orientation_is_never_applied(app, int8_bundle, tmp_path):
         path = folder / f"o6.{fmt.lower()}"
         path.write_bytes(encode_with_orientation(pixels, fmt, options, 6))
         _one_line_refusal(run_app(app, int8_bundle, path, check=False), fmt, "not a PNG or JPEG image")
+
+
+def _png(path: Path, width: int, height: int, color_type: int, bit_depth: int, samples: np.ndarray,
+         palette: Optional[np.ndarray] = None, trns: Optional[bytes] = None) -> None:
+    """A PNG written chunk by chunk (Pillow writes only some colour type / bit depth pairs):
+    ``samples`` (height, width, channels) of values below 2**bit_depth, rows packed MSB first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = []
+    for row in samples.reshape(height, -1):
+        if bit_depth == 16:
+            packed = row.astype(">u2").tobytes()
+        elif bit_depth == 8:
+            packed = row.astype(np.uint8).tobytes()
+        else:
+            bits = np.unpackbits(row.astype(np.uint8)[:, None], axis=1)[:, 8 - bit_depth:].reshape(-1)
+            packed = np.packbits(bits).tobytes()
+        rows.append(b"\0" + packed)
+    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))
+    if palette is not None:
+        out += chunk(b"PLTE", palette.astype(np.uint8).tobytes())
+    if trns is not None:
+        out += chunk(b"tRNS", trns)
+    path.write_bytes(out + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+
+
+def test_cpp_png_of_every_colour_type_and_depth_decodes_as_pillow(app, int8_bundle, tmp_path):
+    """Every PNG colour type and bit depth (grey 1/2/4/8/16, RGB 8/16, palette 1/2/4/8, grey+alpha
+    and RGBA 8/16), with and without tRNS where PNG allows it: the app's tensors equal the Python
+    runtime's (Pillow's mode, then its RGB conversion). Before: a palette PNG with tRNS was read
+    as 3 channels of its 4 (max input difference 4.46)."""
+    from crossvit_edge.runtime import load
+
+    rng = np.random.default_rng(7)
+    width, height = 45, 31
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+    depths = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for color_type, bit_depths in depths.items():
+        for bit_depth in bit_depths:
+            for with_trns in ((False, True) if color_type in (0, 2, 3) else (False,)):
+                top = 1 << bit_depth
+                samples = rng.integers(0, top, (height, width, channels[color_type]), dtype=np.int64)
+                palette = trns = None
+                if color_type == 3:
+                    entries = min(top, 256)
+                    palette = rng.integers(0, 256, (entries, 3))
+                    if with_trns:
+                        trns = rng.integers(0, 256, max(1, entries - 1), dtype=np.uint8).tobytes()
+                elif with_trns:  # the transparent colour is one that pixels have
+                    key = samples[0, 0]
+                    trns = b"".join(int(v).to_bytes(2, "big") for v in key)
+                    samples[: height // 2, : width // 3] = key
+                _png(folder / f"t{color_type}_d{bit_depth:02d}{'_trns' if with_trns else ''}.png", width, height,
+                     color_type, bit_depth, samples, palette, trns)
+    paths = sorted(folder.iterdir())
+    assert len(paths) == 26
+    run_app(app, int8_bundle, *paths, "--dump-input", tmp_path / "x.npy")
+    with load(int8_bundle) as model:
+        expected = model.preprocess(paths)
+    got = np.load(tmp_path / "x.npy")
+    differences = {p.name: float(np.abs(e - g).max()) for p, e, g in zip(paths, expected, got)}
+    assert all(d <= 1e-6 for d in differences.values()), differences
+
+
+def test_cpp_manifest_number_out_of_range_is_exit_2(app, int8_bundle, digits_dir, tmp_path):
+    """A number JSON can write but a double cannot hold (1e400; Python reads infinity and refuses
+    it): one line and exit 2, as every bad manifest (before: exit 1, 'failed')."""
+    image = next((digits_dir / "val" / "3").iterdir())
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    for number in ("1e400", "-1e400"):
+        bundle = _copy_bundle(int8_bundle, bundles)
+        text = (bundle / "manifest.json").read_text()
+        (bundle / "manifest.json").write_text(text.replace('"crop_pct": ', f'"crop_pct": {number}, "was": ', 1))
+        assert number in (bundle / "manifest.json").read_text()
+        _one_line_refusal(run_app(app, bundle, image, check=False), number, "manifest.json")
+

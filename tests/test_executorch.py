@@ -420,3 +420,65 @@ def test_cli_without_the_executorch_extra(tmp_path, tiny_checkpoint):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'crossvit-edge[executorch]'" in lines[0], r.stderr
     assert not out.exists()
+
+
+_SHARED_POOL_SCRIPT = r"""
+import sys, threading
+import numpy as np
+from crossvit_edge.errors import UserError
+from crossvit_edge.runtime import load
+
+bundle = sys.argv[1]
+serving = load(bundle, isolate=False)                     # the pool's default size, serving 8 threads
+x = np.random.default_rng(0).standard_normal((1, 3, 240, 240)).astype(np.float32)
+reference = serving.logits(x)
+stop, bad, calls = threading.Event(), [], [0]
+def serve():
+    while not stop.is_set():
+        if not np.array_equal(serving.logits(x), reference):
+            bad.append(1)
+        calls[0] += 1
+workers = [threading.Thread(target=serve) for _ in range(8)]
+for w in workers:
+    w.start()
+refused = set()
+try:
+    for i in range(12):                                   # loads with threads= while the 8 serve
+        try:
+            other = load(bundle, threads=1 + i % 3, isolate=False)
+            assert np.array_equal(other.logits(x), reference)
+            other.close()
+        except UserError as e:
+            refused.add(str(e))
+finally:
+    stop.set()
+    for w in workers:
+        w.join()
+from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
+print(len(bad), calls[0], _threadpool_get_thread_count(), "|".join(sorted(refused)))
+"""
+
+
+def test_loading_with_threads_never_disturbs_models_serving_on_8_threads(fp32_bundle, tmp_path):
+    """One model called from 8 threads gives its single-threaded logits; loads of another with
+    threads=1, 2, 3 meanwhile (before: ExecuTorch's process-wide pool reset under running
+    inferences, SIGABRT in one attempt of three) either share the pool the first one sized or are
+    refused in one line while it is loaded. Three processes, twelve loads each."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    script = tmp_path / "shared_pool.py"
+    script.write_text(_SHARED_POOL_SCRIPT)
+    for attempt in range(3):
+        done = subprocess.run([sys.executable, str(script), str(fp32_bundle)], capture_output=True, text=True, timeout=600,
+                              env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+        assert done.returncode == 0, (attempt, done.returncode, done.stderr[-2000:])
+        bad, calls, size, messages = done.stdout.strip().split(" ", 3)
+        assert bad == "0" and int(calls) > 8, done.stdout
+        asked = {1, 2, 3} - {int(size)}  # the sizes other than the pool's: refused while the first model is loaded
+        refusals = [m for m in messages.split("|") if m]
+        assert len(refusals) == len(asked), messages
+        for message in refusals:
+            assert "\n" not in message and "process-wide" in message and f"with {size} threads" in message, message

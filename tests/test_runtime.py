@@ -132,6 +132,35 @@ def test_bad_input_is_a_user_error(onnx_bundle, digits_dir, tmp_path):
         load(tampered)
 
 
+def test_every_pil_mode_converts_or_is_one_line(onnx_bundle):
+    """Every mode Pillow can make (Image.MODES: "La", premultiplied grey + alpha, raised ValueError
+    before) reaches the runtime API: preprocessed like its RGB conversion ("La" through "LA", as
+    Pillow un-premultiplies "RGBa"), or a one-line UserError; never another exception."""
+    from PIL import ImageMode
+
+    rng = np.random.default_rng(0)
+    converted = []
+    with load(onnx_bundle) as model:
+        for mode in sorted(Image.MODES):
+            bands = ImageMode.getmode(mode).bands
+            size = (37, 29)
+            raw = rng.integers(0, 256, size[0] * size[1] * len(bands) * 4, dtype=np.uint8).tobytes()
+            if mode in ("F", "I"):  # 32-bit values in a sane range
+                image = Image.fromarray(rng.uniform(-20, 300, (size[1], size[0])).astype(np.float32 if mode == "F" else np.int32), mode)
+            else:
+                image = Image.frombytes(mode, size, raw[: len(Image.new(mode, size).tobytes())])
+            try:
+                x = model.preprocess([image])
+            except UserError as e:
+                assert "\n" not in str(e) and "PIL mode" in str(e), (mode, str(e))
+                continue
+            reference = image.convert("LA") if mode == "La" else image
+            expected = model.preprocess([np.asarray(reference.convert("RGB"))])
+            assert x.shape == expected.shape and np.array_equal(x, expected), mode
+            converted.append(mode)
+    assert {"La", "RGBa", "P", "PA", "I;16", "CMYK", "YCbCr", "1", "LA"} <= set(converted), converted
+
+
 @pytest.mark.skipif(platform.system() == "Darwin", reason="Core ML predicts on macOS")
 def test_coreml_bundle_off_macos_names_the_checker(onnx_bundle, tmp_path):
     coreml = tmp_path / "coreml"

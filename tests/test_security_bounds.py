@@ -721,3 +721,38 @@ def test_bundle_output_symlink_is_replaced_not_followed(tmp_path, micro_checkpoi
     assert not (tmp_path / "b").is_symlink() and (tmp_path / "b" / "manifest.json").is_file()
     assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "elsewhere"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the isolated first load is Linux-only")
+def test_first_load_child_is_bounded_in_memory_and_cpu_time():
+    """A load that allocates without bound (native memory, written page by page, as a runtime
+    does for a size read from a hostile blob) or spins: one line naming the bound (RLIMIT_DATA,
+    RLIMIT_CPU in the child), and this process untouched. The bounds probe_runner passes come from
+    the bundle's sizes (crossvit_edge.isolation.child_limits)."""
+    import time
+
+    from crossvit_edge import isolation
+
+    def allocate_without_bound():
+        import numpy as np
+
+        chunks = []
+        while True:  # 64 MiB at a time, touched: RSS grows until the limit refuses the next one
+            chunks.append(np.ones(8 << 20))
+
+    t = time.time()
+    with pytest.raises(UserError, match=r"needed more memory than this bundle's bound \(bounded to 256 MiB of memory"):
+        isolation.in_child("bundle x: y.pte", allocate_without_bound, memory=256 << 20, cpu=60)
+    assert time.time() - t < 60
+
+    def spin():
+        while True:
+            pass
+
+    t = time.time()
+    with pytest.raises(UserError, match=r"used more CPU time than this bundle's bound .*2 s of CPU time"):
+        isolation.in_child("bundle x: y.pte", spin, memory=256 << 20, cpu=2)
+    assert time.time() - t < 30
+    memory, cpu = isolation.child_limits(18 << 20, 691200, threads=2)
+    assert memory == (1 << 30) + 4 * (18 << 20) + 32 * 691200 and cpu == int((60 + 60 * 18 / 1024) * 2) + 1
+    assert isolation.child_limits(8 << 30, 256 << 20, threads=1) == ((1 << 30) + (32 << 30) + (8 << 30), 541)

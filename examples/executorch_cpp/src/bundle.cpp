@@ -115,7 +115,7 @@ json parse_manifest(const std::vector<uint8_t>& raw) {
   };
   try {
     return json::parse(raw.begin(), raw.end(), bounded);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number like 1e400 (Python: infinity, refused)
     throw UserError(std::string("manifest.json: not valid JSON (") + e.what() + ")");
   }
 }

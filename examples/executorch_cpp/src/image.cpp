@@ -115,10 +115,10 @@ RgbImage decode_png(const fs::path& path, const std::vector<uint8_t>& bytes) {
         uint16_t v;
         std::memcpy(&v, &raw[y * rowbytes + x * 2], 2);
         out[0] = out[1] = out[2] = uint8_t(std::min<uint16_t>(v, 255));
-      } else if (channels == 1) {
-        out[0] = out[1] = out[2] = raw[y * rowbytes + x];
-      } else {
-        std::memcpy(out, &raw[y * rowbytes + x * 3], 3);
+      } else if (channels <= 2) {  // grey (and grey + an alpha that libpng made from tRNS): replicated
+        out[0] = out[1] = out[2] = raw[y * rowbytes + x * channels];
+      } else {  // RGB, or RGBA: libpng's palette expansion turns a tRNS chunk into alpha, dropped here
+        std::memcpy(out, &raw[y * rowbytes + x * channels], 3);
       }
     }
   }

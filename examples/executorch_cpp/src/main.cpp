@@ -14,8 +14,14 @@
 //
 // Bad input (a bundle that fails its checks, an image that is not a readable PNG/JPEG, a flag):
 // one line on stderr and exit code 2. A runtime failure: one line and exit code 1.
+#include <signal.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
+#include <csignal>
+#include <cstdlib>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -171,11 +177,67 @@ std::string relative_key(const fs::path& image, const fs::path& root) {
   return rel.generic_string();
 }
 
+// ---- Bounded work. A delegate's blob is opaque to ExecuTorch's verification: one changed byte can
+// make XNNPACK abort, crash, or allocate and compute without bound. The same bounds as the Python
+// tools' first load in a child (crossvit_edge/isolation.py, docs/security.md): the data segment may
+// grow by 1 GiB + 4 x the program's bytes + 32 x one batch of input (RLIMIT_DATA), CPU time is
+// 60 s + 60 s per GiB of program, per hardware thread (RLIMIT_CPU). Past them, and on an abort or a
+// crash in the runtime, one line and exit code 2.
+constexpr unsigned long long kMemoryBase = 1ULL << 30;
+constexpr unsigned long long kMemoryPerProgramByte = 4;
+constexpr unsigned long long kMemoryPerInputByte = 32;
+
+unsigned long long data_segment_bytes() {
+  FILE* f = std::fopen("/proc/self/status", "r");
+  if (!f) return 0;
+  char line[256];
+  unsigned long long kib = 0;
+  while (std::fgets(line, sizeof line, f))
+    if (std::strncmp(line, "VmData:", 7) == 0) kib = std::strtoull(line + 7, nullptr, 10);
+  std::fclose(f);
+  return kib * 1024;
+}
+
+extern "C" void die_in_runtime(int sig) {  // async-signal-safe: write and _exit only
+  const char* what = sig == SIGXCPU ? "crossvit_classify: error: the program used more CPU time than this bundle's bound "
+                                      "(corrupt or hostile)\n"
+                                    : "crossvit_classify: error: the runtime crashed (abort or fault) on this program: corrupt "
+                                      "or hostile, or beyond this bundle's memory bound\n";
+  ssize_t ignored = ::write(2, what, std::strlen(what));
+  (void)ignored;
+  ::_exit(2);
+}
+
+void bound_runtime_work(const crossvit::Bundle& bundle) {
+  const unsigned long long s = bundle.preprocessing.input_size;
+  const unsigned long long input = (unsigned long long)bundle.batch_size * 3 * s * s * 4;
+  const unsigned long long memory = kMemoryBase + kMemoryPerProgramByte * bundle.program.size() + kMemoryPerInputByte * input;
+  struct rlimit limit {};
+  if (::getrlimit(RLIMIT_DATA, &limit) == 0) {
+    rlim_t cap = rlim_t(data_segment_bytes() + memory);
+    if (limit.rlim_max == RLIM_INFINITY || cap < limit.rlim_max) {
+      limit.rlim_cur = cap;
+      ::setrlimit(RLIMIT_DATA, &limit);
+    }
+  }
+  const double gib = double(bundle.program.size()) / double(1ULL << 30);
+  const long threads = std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN));
+  struct rusage used {};
+  ::getrusage(RUSAGE_SELF, &used);
+  const rlim_t cpu = rlim_t(used.ru_utime.tv_sec + used.ru_stime.tv_sec + (60 + 60 * gib) * threads) + 1;
+  if (::getrlimit(RLIMIT_CPU, &limit) == 0 && (limit.rlim_max == RLIM_INFINITY || cpu + 5 <= limit.rlim_max)) {
+    limit.rlim_cur = cpu;
+    if (limit.rlim_max == RLIM_INFINITY) limit.rlim_max = cpu + 5;
+    ::setrlimit(RLIMIT_CPU, &limit);
+  }
+  for (int sig : {SIGABRT, SIGXCPU, SIGSEGV, SIGBUS, SIGILL, SIGFPE}) std::signal(sig, die_in_runtime);
+}
+
 // The program, loaded from the verified bytes and checked against the manifest's input and output.
 class Classifier {
  public:
   explicit Classifier(const crossvit::Bundle& bundle)
-      : bundle_(bundle), module_(std::make_unique<BufferDataLoader>(bundle.program.data(), bundle.program.size())) {
+      : bundle_((bound_runtime_work(bundle), bundle)), module_(std::make_unique<BufferDataLoader>(bundle.program.data(), bundle.program.size())) {
     const std::string where = "bundle " + bundle.name + ": " + bundle.artifact_file;
     if (module_.load(Program::Verification::InternalConsistency) != Error::Ok)
       throw UserError(where + ": not a loadable ExecuTorch program (corrupt, or made for another runtime version)" + runtime_said());
@@ -336,6 +398,9 @@ int main(int argc, char** argv) {
     return run(parse_args(argc, argv));
   } catch (const UserError& e) {
     std::cerr << kProg << ": error: " << e.what() << std::endl;
+    return 2;
+  } catch (const std::bad_alloc&) {  // the memory bound above (or a runtime asked for more than exists)
+    std::cerr << kProg << ": error: out of memory: the program asked for more than this bundle's bound (corrupt or hostile)" << std::endl;
     return 2;
   } catch (const std::exception& e) {
     std::cerr << kProg << ": failed: " << e.what() << std::endl;
