@@ -688,16 +688,12 @@ class ExecuTorchRunner(Runner):
 
     def close(self) -> None:
         """Drop the method and program (and their hold on the process-wide thread pool)."""
-        with POOL.lock, self._call_lock:
-            self._method = self._program = None
-            POOL.loaded.discard(self)
-
-    def close(self) -> None:
         # the Method holds the delegate (XNNPACK's packed weights and workspace) and its planned
         # memory, the Program the program bytes: dropped, the runtime frees them. The Runtime is
         # process-wide (Runtime.get()) and stays.
-        self._method = None
-        self._program = None
+        with POOL.lock, self._call_lock:
+            self._method = self._program = None
+            POOL.loaded.discard(self)
 
     def probe(self, points, layers, context=None):
         """ETDump intermediate outputs where the runtime records them; the XNNPACK delegate records
