@@ -15,7 +15,7 @@ from .device_profiles import list_profiles, load_profile
 from .spec import CALIBRATION_METHODS, DEMO_CHECKPOINT, BuildSpec, CalibrationSettings
 
 PROG = "crossvit_edge.convert"
-TARGETS = ("onnx", "tensorrt", "coreml", "executorch")
+TARGETS = ("onnx", "tensorrt", "coreml", "executorch", "coreai")
 PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
 CHECK_FAILED_EXIT = 3  # --fail-on-check and the check failed (2 is bad input)
 
