@@ -116,13 +116,14 @@ def _resign(bundle: Path) -> None:
     (bundle / "manifest.json").write_text(json.dumps(m))
 
 
-def _classify_fails(bundle: Path, digits_dir: Path, expect: str) -> None:
+def _classify_fails(bundle: Path, digits_dir: Path, expect) -> None:
     image = next((digits_dir / "val").rglob("*.png"))
     r = run_cli("crossvit_edge.classify", bundle, image)
     err = r.stderr.strip()
     assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
     assert "Traceback" not in r.stderr and len(err.splitlines()) == 1, r.stderr[-3000:]
-    assert expect in err, err
+    alternatives = expect if isinstance(expect, tuple) else (expect,)
+    assert any(e in err for e in alternatives), err
 
 
 def _variant(tmp_path: Path, fp16: Path, name: str) -> tuple:
@@ -182,7 +183,8 @@ def test_truncated_or_corrupted_asset(tmp_path, fp16, digits_dir, damage):
     (asset / "main.mlirb").write_bytes(bytes(data))
     if damage == "rehashed-corrupted":  # an author who also rewrote main.hash: coreai-core's reader must refuse it
         (asset / "main.hash").write_bytes(hashlib.sha256(bytes(data)).digest())
-        expect = "coreai-core"
+        # coreai-core's reader either fails or finds no program in the scrambled bytecode
+        expect = ("coreai-core cannot read the asset", "the asset has no function 'main'")
     else:
         expect = "does not match main.hash"
     _resign(bundle)
