@@ -88,10 +88,15 @@ def test_int8_program_quantizes_the_plan_layers_with_the_plan_scales(int8, image
     int8_layers = [l for l in plan["layers"] if l["precision"] == "int8"]
     assert report["w8a8"]["int8_layers"] == len(int8_layers) > 0
     summary = read_asset_summary(int8 / m["artifact"]["file"])
-    ops = dict(s.strip("()").split(", ") for s in summary["operations"])
-    storage = dict(s.strip("()").split(", ") for s in summary["storage_types"])
-    # one quantize per plan layer input; int8 storage for their weights
-    assert int(ops.get("quantize", 0)) >= len(int8_layers)
+    def counts(entries):  # coreai-core's "(name, count)" pairs, as str() of a tuple
+        return dict(e.strip("()").replace("'", "").split(", ") for e in entries)
+
+    ops, storage = counts(summary["operations"]), counts(summary["storage_types"])
+    # int8 storage for every plan layer's weight; a quantize per distinct plan-layer input (layers
+    # that read the same tensor with the same plan scale, e.g. cross-attention's wq/wk/wv, share one
+    # after coreai-torch's conversion: measured 12 for the micro model's 14 layers)
+    assert 0 < int(ops.get("quantize", 0)) <= len(int8_layers)
+    assert int(ops.get("quantize", 0)) == int(ops.get("dequantize", 0))
     assert int(storage.get("Int8", 0)) >= len(int8_layers)
     logits = _logits(int8, images)
     assert row_cosine(logits, reference).min() > 0.98
