@@ -9,6 +9,7 @@ CONVERTERS = {
     "tensorrt": "crossvit_edge.converters.tensorrt:TensorRTConverter",
     "coreml": "crossvit_edge.converters.coreml:CoreMLConverter",
     "executorch": "crossvit_edge.converters.executorch:ExecuTorchConverter",
+    "coreai": "crossvit_edge.converters.coreai:CoreAIConverter",
 }
 
 # artifact kind (manifest["artifact"]["kind"], ["stand_in"]["kind"]) -> the Runner that executes it
@@ -17,8 +18,9 @@ RUNNERS = {
     "pte": "crossvit_edge.converters.executorch:ExecuTorchRunner",
     "mlpackage": "crossvit_edge.converters.coreml:CoreMLRunner",
     "engine": "crossvit_edge.converters.tensorrt.device:TensorRTRunner",
+    "aimodel": "crossvit_edge.converters.coreai:CoreAIRunner",
 }
 
 # target -> the kind of its artifact (a TensorRT bundle whose engine is still to be built on the
 # device names its ONNX as the file but is still run by the TensorRT runner)
-ARTIFACT_KINDS = {"onnx": "onnx", "tensorrt": "engine", "coreml": "mlpackage", "executorch": "pte"}
+ARTIFACT_KINDS = {"onnx": "onnx", "tensorrt": "engine", "coreml": "mlpackage", "executorch": "pte", "coreai": "aimodel"}

@@ -54,7 +54,7 @@ MAX_NAME = 4096  # characters in a path or name from a manifest
 MAX_BATCH_INPUT_BYTES = 256 << 20
 # The sum of the sizes a manifest lists: every byte of it is read and hashed before anything loads.
 MAX_BUNDLE_BYTES = 8 << 30
-TARGETS = ("onnx", "tensorrt", "coreml", "executorch")
+TARGETS = ("onnx", "tensorrt", "coreml", "executorch", "coreai")
 PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
 
 
@@ -614,6 +614,11 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> Dict[str, Any]:
     if coreml is not None:
         c.choice(coreml, "compute_units", "coreml.compute_units", ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"), required=False)
         c.value(coreml, "image_input", "coreml.image_input", bool, required=False)
+    coreai = c.obj(data, "coreai", "coreai", required=False)
+    if coreai is not None:
+        c.choice(coreai, "minimum_os", "coreai.minimum_os", ("iOS27", "macOS27"), required=False)
+        c.choice(coreai, "compute_dtype", "coreai.compute_dtype", ("float16",), required=False)
+        c.choice(coreai, "function", "coreai.function", ("main",), required=False)
     onnx = c.obj(data, "onnx", "onnx", required=False)
     if onnx is not None:
         # which int8 graph the file holds decides how the runner configures ONNX Runtime

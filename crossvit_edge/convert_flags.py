@@ -21,15 +21,16 @@ TARGET_PRECISIONS: Dict[str, Tuple[str, ...]] = {
     "tensorrt": ("fp32", "fp16", "int8"),
     "coreml": ("fp32", "fp16", "int8-weights", "int8"),
     "executorch": ("fp32", "fp16", "int8"),
+    "coreai": ("fp16", "int8", "int8-weights"),
 }
 TARGETS = tuple(TARGET_PRECISIONS)
 PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
 
 INT8 = ("int8",)
 # the targets whose int8 activation ranges are the project's own calibration (the plan's scales,
-# chosen by --calib-method); Core ML's W8A8 takes them from coremltools' LinearQuantizer
+# chosen by --calib-method; Core AI's W8A8 is the plan's Q/DQ in Core AI's ops); Core ML's W8A8 takes them from coremltools' LinearQuantizer
 # (min_max observers) and ExecuTorch's from XNNPACK's PT2E histogram observers, fed the same images
-PLAN_SCALE_TARGETS = ("onnx", "tensorrt")
+PLAN_SCALE_TARGETS = ("onnx", "tensorrt", "coreai")
 
 
 @dataclass(frozen=True)

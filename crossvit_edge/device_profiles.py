@@ -59,6 +59,11 @@ _SECTION_SCHEMA: Dict[str, Dict[str, tuple]] = {
         "image_input": (bool, None),
         "device": (str, None),
     },
+    "coreai": {
+        "minimum_os": (str, ("iOS27", "macOS27")),
+        "device": (str, None),
+        "neural_engine_int8": (bool, None),  # the chip computes int8 x int8 on the Neural Engine (A17 Pro, M4 and later)
+    },
     "executorch": {"backend": (str, ("xnnpack",)), "device": (str, None), "etdump": (bool, None), "etdump_runs": (int, (1, 1000)), "bundled_inputs": (int, (0, 1000)),
                    "int8_attention": (bool, None),  # int8: the self-attention matmuls on XNNPACK's QS8 bmm (docs/executorch_int8.md)
                    # the device's cores compute in fp16 (ARMv8.2-A FP16, AVX512-FP16), where XNNPACK's
@@ -73,7 +78,7 @@ _TOP_SCHEMA = {
     "precision": (str, ("fp32", "fp16", "int8", "int8-weights")),
     "threads": (int, (1, 1024)),
 }
-TARGETS = ("onnx", "tensorrt", "coreml", "executorch")
+TARGETS = ("onnx", "tensorrt", "coreml", "executorch", "coreai")
 
 
 @dataclass(frozen=True)

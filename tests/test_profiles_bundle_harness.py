@@ -19,7 +19,7 @@ def test_every_shipped_profile_loads():
     assert {"jetson-orin-nano-jp6", "iphone-15-pro", "android-arm64-xnnpack", "cpu-onnxruntime"} <= set(names)
     for name in names:
         p = load_profile(name)
-        assert p.name == name and p.target in ("onnx", "tensorrt", "coreml", "executorch")
+        assert p.name == name and p.target in ("onnx", "tensorrt", "coreml", "executorch", "coreai")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,500 @@
+"""Core AI target (iOS 27 / macOS 27): ``.aimodel`` assets at fp16, weight-only int8 and W8A8.
+
+Apple's Core AI stack (docs/coreai.md): ``coreai-torch`` converts a decomposed ``torch.export``
+program to Core AI IR and saves it as an ``.aimodel`` asset folder (``main.mlirb`` MLIR bytecode,
+``main.hash`` its sha256, ``metadata.json``); ``coreai-core`` carries the runtime. How each
+precision is built:
+
+* ``fp16``: the fp32 model in export form (``crossvit.for_export``: LayerNorm and softmax stay fp32
+  inside the fp16 model, as on every other target) cast to fp16 behind float32 input and output
+  (``crossvit.fp16_inside``), exported, decomposed with ``coreai_torch.get_decomp_table()`` and
+  converted. Input ``image`` (float32 NCHW), output ``logits`` (float32).
+* ``int8-weights``: the fp16 program with the weight of every Linear and Conv2d stored int8
+  (symmetric, per output channel, [-127, 127]) behind ``coreai::constexpr_blockwise_shift_scale``,
+  the op coreai-opt's own export writes for quantized weights.
+* ``int8`` (W8A8): the quantization plan as explicit Q/DQ (``calibration.qdq.apply_qdq``, the same
+  plan layers and calibrated input scales as the ONNX, TensorRT and ExecuTorch builds), its two ops
+  rewritten to Core AI's: each plan layer's input becomes ``coreai::quantize`` (int8, per tensor,
+  the plan's scale) -> ``coreai::dequantize``, each weight ``constexpr_blockwise_shift_scale`` on
+  int8 data. These are exactly the ops coreai-opt's ``Quantizer.finalize`` writes for a W8A8 model
+  (coreai_opt/quantization/_graph/_prepare_for_export.py); the numbers are ours rather than its
+  observers', so LayerNorm, softmax, GELU, residual adds and concatenations stay float as the plan
+  decides and every target quantizes the same tensors with the same scales.
+
+Running here: ``coreai.runtime`` (coreai-core's Linux wheel) does run an asset. ``AIModel.load``
+on the ``.aimodel`` folder itself fails with "No such file or directory" because it opens a
+compiled form (``main-unspecialized.odix`` or ``program.odix``, seen with strace) that only the OS
+framework's specialization writes; coreai-core's ``AIModelAsset.executable()`` lowers the IR to
+ODIX in a temporary ``.aimodelx`` folder and loads that, which is what ``CoreAIRunner`` does, on a
+private copy of the verified bytes. That is Apple's portable CPU path, not the Neural Engine: its
+numbers are the program's, its times say nothing about a device.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from crossvit_edge.convert_flags import TARGET_PRECISIONS
+from crossvit_edge.errors import UserError, brief
+
+from .base import Artifact, Converter, Runner
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+FUNCTION = "main"
+# what coreai-core 1.0.0b3's AIProgram.save_asset writes, and all a bundle's asset may hold: any
+# other file would be read by the runtime unverified (a precompiled main-unspecialized.odix or
+# program.odix is loaded *instead of* the IR, see the module docstring)
+BYTECODE, HASH, METADATA = "main.mlirb", "main.hash", "metadata.json"
+ASSET_FILES = (BYTECODE, HASH, METADATA)
+BYTECODE_MAGIC = b"ML\xefR"  # MLIR bytecode's magic number
+MAX_METADATA_BYTES = 1 << 16
+DEFAULT_MINIMUM_OS = "iOS27"
+MINIMUM_OS = ("iOS27", "macOS27")
+_DTYPES = {"Float32": "float32", "Float16": "float16", "Int8": "int8", "Int32": "int32"}
+_SIGNATURE = re.compile(r"NDArray \((\w+), ([0-9 ×]*)\)")
+
+
+def _option(spec, key: str, default: Any = None) -> Any:
+    if key in spec.options:
+        return spec.options[key]
+    if spec.profile is not None and key in spec.profile.options:
+        return spec.profile.options[key]
+    return default
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch side: Core AI's quantization ops in place of the plan's Q/DQ
+
+
+def _coreai_ops():
+    """The ``coreai::`` custom ops, registered with torch by coreai-torch's compression layers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "only validated with torch<=2.13" (docs/coreai.md pins)
+        import coreai_torch._compression.custom_layers  # noqa: F401
+    import torch
+
+    return torch.ops.coreai
+
+
+def _weight(q: "torch.Tensor", scale: "torch.Tensor", axis: int):
+    """int8 data -> float weight through ``constexpr_blockwise_shift_scale`` (scale of the data's
+    rank: one block per output channel)."""
+    shape = [1] * q.dim()
+    shape[axis] = -1
+    return _coreai_ops().constexpr_blockwise_shift_scale(q, scale.reshape(shape))
+
+
+def _int8_input(x, scale):
+    ops = _coreai_ops()
+    import torch
+
+    return ops.dequantize(ops.quantize(x, scale.to(x.dtype), torch.int8), scale.to(x.dtype))
+
+
+def _modules():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class CoreAIQDQLinear(nn.Module):
+        """``calibration.qdq.QDQLinear`` with Core AI's ops: same int8 weight, scales, bias."""
+
+        def __init__(self, m):
+            super().__init__()
+            for name in ("weight_int8", "weight_scale", "input_scale"):
+                self.register_buffer(name, getattr(m, name).detach().clone())
+            self.axis = m.axis
+            self.bias = m.bias
+
+        def forward(self, x):
+            w = _weight(self.weight_int8, self.weight_scale, self.axis).to(x.dtype)
+            y = torch.matmul(_int8_input(x, self.input_scale), w)
+            return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    class CoreAIQDQConv2d(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            for name in ("weight_int8", "weight_scale", "input_scale"):
+                self.register_buffer(name, getattr(m, name).detach().clone())
+            self.axis, self.bias = m.axis, m.bias
+            self.stride, self.padding, self.dilation, self.groups = m.stride, m.padding, m.dilation, m.groups
+
+        def forward(self, x):
+            w = _weight(self.weight_int8, self.weight_scale, self.axis).to(x.dtype)
+            b = self.bias.to(x.dtype) if self.bias is not None else None
+            return F.conv2d(_int8_input(x, self.input_scale), w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    class CoreAIQDQActivation(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.register_buffer("scale", m.scale.detach().clone())
+
+        def forward(self, x):
+            return _int8_input(x, self.scale)
+
+    class Int8WeightLinear(nn.Module):
+        """Weight-only int8: float input, int8 weight (per output channel) dequantized in the program."""
+
+        def __init__(self, linear):
+            super().__init__()
+            from crossvit_edge.calibration.qdq import quantize_weight
+
+            q, s = quantize_weight(linear.weight.detach(), axis=0)
+            self.register_buffer("weight_int8", q)
+            self.register_buffer("weight_scale", s)
+            self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+
+        def forward(self, x):
+            w = _weight(self.weight_int8, self.weight_scale, 0).to(x.dtype)
+            return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+
+    class Int8WeightConv2d(nn.Module):
+        def __init__(self, conv):
+            super().__init__()
+            from crossvit_edge.calibration.qdq import quantize_weight
+
+            q, s = quantize_weight(conv.weight.detach(), axis=0)
+            self.register_buffer("weight_int8", q)
+            self.register_buffer("weight_scale", s)
+            self.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
+            self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+
+        def forward(self, x):
+            w = _weight(self.weight_int8, self.weight_scale, 0).to(x.dtype)
+            b = self.bias.to(x.dtype) if self.bias is not None else None
+            return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    return CoreAIQDQLinear, CoreAIQDQConv2d, CoreAIQDQActivation, Int8WeightLinear, Int8WeightConv2d
+
+
+def _replace(model, match) -> int:
+    """Replace every submodule for which ``match(module)`` returns a new module; returns how many."""
+    count = 0
+    for name, m in list(model.named_modules()):
+        new = match(m) if name else None
+        if new is None:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        count += 1
+    return count
+
+
+def to_coreai_qdq(model) -> Dict[str, int]:
+    """The plan's Q/DQ modules of ``model`` (``apply_qdq``) as Core AI quantize / dequantize (in place)."""
+    from crossvit_edge.calibration.qdq import QDQActivation, QDQConv2d, QDQLinear
+
+    lin, conv, act, _, _ = _modules()
+    table = {QDQLinear: lin, QDQConv2d: conv, QDQActivation: act}
+    counts = {"layers": 0, "activation_points": 0}
+
+    def match(m):
+        cls = table.get(type(m))
+        if cls is None:
+            return None
+        counts["activation_points" if type(m) is QDQActivation else "layers"] += 1
+        return cls(m)
+
+    _replace(model, match)
+    return counts
+
+
+def int8_weights(model) -> int:
+    """Every Linear and Conv2d weight of ``model`` stored int8 per output channel (in place)."""
+    from torch import nn
+
+    _, _, _, lin, conv = _modules()
+    return _replace(model, lambda m: lin(m) if type(m) is nn.Linear else conv(m) if type(m) is nn.Conv2d else None)
+
+
+def build_program(model, example):
+    """``model`` (float32 in and out) -> Core AI ``AIProgram`` with input ``image``, output ``logits``."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import coreai_torch
+
+        exported = torch.export.export(model, (example,))
+        exported = exported.run_decompositions(coreai_torch.get_decomp_table())
+        converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
+        converter.add_exported_program(exported, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+        return converter.to_coreai()
+
+
+def asset_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _versions() -> Dict[str, str]:
+    import importlib.metadata as md
+
+    return {name: md.version(name) for name in ("coreai-core", "coreai-torch")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Converter
+
+
+class CoreAIConverter(Converter):
+    target = "coreai"
+    precisions = TARGET_PRECISIONS["coreai"]  # crossvit_edge.convert_flags: the one table
+    requires = ("coreai_torch", "coreai.runtime")
+    extra = "coreai"
+
+    def validate(self, spec) -> None:
+        super().validate(spec)
+        os_name = str(_option(spec, "minimum_os", DEFAULT_MINIMUM_OS))
+        if os_name not in MINIMUM_OS:
+            raise UserError(f"coreai.minimum_os {brief(os_name)} is not supported; choose one of: {', '.join(MINIMUM_OS)}")
+
+    def convert(self, ctx, out_dir: Path) -> Artifact:
+        import torch
+
+        from crossvit_edge.crossvit import fp16_inside, for_export
+
+        spec = ctx.spec
+        precision = spec.precision
+        report: Dict[str, Any] = {}
+        if precision == "int8":
+            if ctx.plan is None:
+                raise UserError("--precision int8 needs a quantization plan (calibration did not run)")
+            if not ctx.plan.int8_layers():
+                raise UserError("the quantization plan has no int8 layers: nothing to quantize for --precision int8")
+            model = ctx.model_for_export()  # the plan's Q/DQ on the calibrated model
+            counts = to_coreai_qdq(model)
+            report["w8a8"] = {
+                "form": "coreai::quantize -> coreai::dequantize on each plan layer's input (int8, per tensor, the plan's "
+                        "scale); coreai::constexpr_blockwise_shift_scale on int8 weights (per output channel)",
+                "int8_layers": counts["layers"],
+                "activation_points": counts["activation_points"],
+                "scales": "crossvit_edge.calibration.plan (the same as every other target's int8 build)",
+            }
+        else:
+            model = for_export(ctx.fp32_model)
+            if precision == "int8-weights":
+                report["int8_weight_layers"] = int8_weights(model)
+        wrapped = fp16_inside(model)
+        example = ctx.example_input()
+        with torch.no_grad():
+            program = build_program(wrapped, example)
+        os_name = str(_option(spec, "minimum_os", DEFAULT_MINIMUM_OS))
+        name = f"{ctx.model_name}_{precision}.aimodel"
+        path = Path(out_dir) / name
+        from coreai.authoring.asset import OSVersion
+
+        program.save_asset(path, minimum_os=OSVersion.v27)
+        extra = sorted(p.name for p in path.iterdir() if p.name not in ASSET_FILES)
+        if extra:  # a newer coreai-core writing more: refuse rather than ship files the check refuses
+            raise UserError(f"coreai-core wrote {', '.join(extra)} into the asset; this crossvit_edge knows {', '.join(ASSET_FILES)}")
+        summary = read_asset_summary(path)
+        info = {
+            "minimum_os": os_name,
+            "compute_dtype": "float16",
+            "device": _option(spec, "device"),
+            "function": FUNCTION,
+            **_versions(),
+        }
+        report.update({
+            "conversion": "torch.export -> run_decompositions(coreai_torch.get_decomp_table()) -> coreai_torch.TorchConverter "
+                          "-> AIProgram.save_asset",
+            **info,
+            "operation_distribution": summary["operations"],
+            "storage_types": summary["storage_types"],
+            "asset_bytes": asset_bytes(path),
+        })
+        manifest = {"coreai": {**info, "asset_bytes": report["asset_bytes"], "storage_types": summary["storage_types"]}}
+        log.info("wrote %s (%.1f MiB)", name, report["asset_bytes"] / 2**20)
+        return Artifact(primary=name, kind="aimodel", manifest=manifest, report=report)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading an asset (as data first, then through coreai-core's reader in a child process)
+
+
+def _parse_signature(entries) -> List[Any]:
+    from crossvit_edge.artifact_check import TensorSignature
+
+    out = []
+    for name, desc in entries:
+        m = _SIGNATURE.fullmatch(str(desc))
+        if m is None:
+            out.append(TensorSignature(str(name), (), brief(str(desc), 60)))
+            continue
+        dims = tuple(int(d) for d in m.group(2).replace("×", " ").split())
+        out.append(TensorSignature(str(name), dims, _DTYPES.get(m.group(1), m.group(1))))
+    return out
+
+
+def read_asset_summary(path: Path) -> Dict[str, Any]:
+    """coreai-core's summary of an asset folder (its own reader of the bytecode): functions, the
+    ``main`` signature, storage types, operation counts. Raises on an unreadable asset."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from coreai.authoring.asset import AIModelAsset
+
+    summary = AIModelAsset.load(Path(path)).summary(include_statistics=True)
+    if summary is None:
+        raise UserError("the asset holds no program")
+    functions = list(summary.function_names)
+    if FUNCTION not in functions:
+        return {"functions": functions}
+    return {
+        "functions": functions,
+        "inputs": [list(map(str, e)) for e in summary.function_inputs(FUNCTION)],
+        "outputs": [list(map(str, e)) for e in summary.function_outputs(FUNCTION)],
+        "states": [list(map(str, e)) for e in summary.function_states(FUNCTION)],
+        "storage_types": [str(s) for s in summary.storage_types],
+        "operations": [str(s) for s in summary.operation_distribution],
+    }
+
+
+def verified_copy(root: Path, manifest: Dict[str, Any], rel: str, source: str, dest: Path) -> Path:
+    """The asset's three files as listed and verified (``read_listed_file``), written into a new
+    asset folder under ``dest``: what coreai-core reads is exactly what was checked, and nothing
+    else is in the folder it reads."""
+    from crossvit_edge.artifact_check import read_listed_file
+
+    root = Path(root).resolve()
+    asset = root / rel
+    out = Path(dest) / "model.aimodel"
+    out.mkdir()
+    for name in ASSET_FILES:
+        if "files" in manifest:
+            data = read_listed_file(root, manifest, asset / name, f"{source}: {rel}/{name}")
+        else:  # the pipeline's post-conversion check, on the artifact it has just written
+            data = (asset / name).read_bytes()
+        (out / name).write_bytes(data)
+    return out
+
+
+def check_asset(root: Path, manifest: Dict[str, Any], rel: str, source: str) -> None:
+    """An ``.aimodel`` of a verified bundle: a folder of exactly ``main.mlirb``, ``main.hash`` and
+    ``metadata.json``, each listed and inside the bundle; MLIR bytecode whose sha256 is
+    ``main.hash``; a metadata object; and the ``main`` function's signature, read by coreai-core's
+    asset reader in a child process (native code on bundle bytes: a crash there is one error line),
+    is the manifest's."""
+    from crossvit_edge import isolation
+    from crossvit_edge.artifact_check import check_file_identifier, check_referenced_file, check_signature, contained_path, read_listed_file
+    from crossvit_edge.bundle import load_json_file
+
+    root = Path(root).resolve()
+    where = f"{source}: {rel}"
+    try:
+        asset = contained_path(root, root, rel, "artifact.file")
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    if not asset.is_dir():
+        raise UserError(f"{where}: not a Core AI asset folder")
+    for entry in sorted(asset.iterdir()):
+        if entry.name not in ASSET_FILES:
+            what = ("a precompiled form the runtime would load instead of the verified IR"
+                    if entry.suffix == ".odix" else "not part of a Core AI asset this crossvit_edge writes")
+            raise UserError(f"{where}: holds {brief(entry.name)} ({what}); an asset holds only {', '.join(ASSET_FILES)}")
+    paths = {name: check_referenced_file(root, asset, name, manifest, where, f"asset file {name}") for name in ASSET_FILES}
+    check_file_identifier(paths[BYTECODE], 0, BYTECODE_MAGIC, f"{where}/{BYTECODE}", "MLIR bytecode")
+    digest = read_listed_file(root, manifest, paths[HASH], f"{where}/{HASH}")
+    bytecode = read_listed_file(root, manifest, paths[BYTECODE], f"{where}/{BYTECODE}")
+    if hashlib.sha256(bytecode).digest() != digest:
+        raise UserError(f"{where}: {BYTECODE} does not match {HASH} (a truncated or corrupted asset)")
+    metadata = load_json_file(paths[METADATA], f"{where}/{METADATA}", max_bytes=MAX_METADATA_BYTES)
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("assetVersion"), str):
+        raise UserError(f"{where}/{METADATA}: not Core AI asset metadata (an object with assetVersion)")
+
+    def read() -> Dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="crossvit_coreai_check_") as tmp:
+            try:
+                return read_asset_summary(verified_copy(root, manifest, rel, source, Path(tmp)))
+            except UserError:
+                raise
+            except Exception as e:  # coreai-core's reader: RuntimeError on bad bytecode
+                raise UserError(f"{where}: coreai-core cannot read the asset ({brief(str(e), 120)})") from None
+
+    summary = isolation.in_child(f"{where}: reading the asset with coreai-core", read)
+    if FUNCTION not in summary["functions"]:
+        raise UserError(f"{where}: the asset has no function {FUNCTION!r} (it has {brief(', '.join(summary['functions']), 80)})")
+    if summary["states"]:
+        raise UserError(f"{where}: function {FUNCTION!r} has state ({len(summary['states'])} tensors); a classifier has none")
+    check_signature(_parse_signature(summary["inputs"]), _parse_signature(summary["outputs"]), manifest, where)
+
+
+# --------------------------------------------------------------------------------------------------
+# Runner
+
+
+class CoreAIRunner(Runner):
+    """coreai-core's runtime (``coreai.runtime``) on the asset: on Linux (and macOS without the OS
+    framework) ``AIModelAsset.executable()`` lowers the IR to ODIX and runs it on the CPU; on macOS
+    27 it loads through the OS Core AI framework. Either way from a private copy of the verified
+    files."""
+
+    target = "coreai"
+
+    def __init__(self, bundle_dir, manifest, artifact=None, threads=None):
+        super().__init__(bundle_dir, manifest, artifact, threads)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import coreai.runtime as rt
+            from coreai.authoring.asset import AIModelAsset
+
+        self._rt = rt
+        self._tmp = tempfile.mkdtemp(prefix="crossvit_coreai_")
+        self._loop = asyncio.new_event_loop()
+        self._cm = None
+        try:
+            rel = self.artifact_path.relative_to(self.bundle_dir.resolve()).as_posix()
+            copy = verified_copy(self.bundle_dir, manifest, rel, str(self.bundle_dir.name), Path(self._tmp))
+            self._cm = AIModelAsset.load(copy).executable()
+            self._model = self._loop.run_until_complete(self._cm.__aenter__())
+            self._fn = self._model.load_function(FUNCTION)
+        except UserError:
+            self.close()
+            raise
+        except Exception as e:
+            self.close()
+            raise UserError(f"{self.artifact_path.name}: the Core AI runtime cannot load the asset ({brief(str(e), 120)})") from None
+        self._os_framework = bool(getattr(rt, "_use_os_coreai", False))
+        self._version = _versions()["coreai-core"]
+
+    @classmethod
+    def check_artifact(cls, root, manifest, rel, source) -> None:
+        check_asset(root, manifest, rel, source)
+
+    @property
+    def description(self) -> str:
+        where = "the OS Core AI framework" if self._os_framework else "ODIX lowered on this host, CPU (not the Neural Engine)"
+        return f"Core AI runtime (coreai-core {self._version}), {where}"
+
+    @property
+    def timing_meaningful(self) -> bool:
+        """Off Apple devices the portable CPU path's times say nothing about an iPhone or Mac."""
+        return self._os_framework
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if images.shape[0] != self.batch_size:
+            raise UserError(f"this Core AI model takes batches of {self.batch_size}, got {images.shape[0]}")
+        out = self._loop.run_until_complete(self._fn({INPUT_NAME: self._rt.NDArray(images)}))
+        return np.array(out[OUTPUT_NAME].numpy(), dtype=np.float32)
+
+    def close(self) -> None:
+        if self._cm is not None:
+            try:
+                self._loop.run_until_complete(self._cm.__aexit__(None, None, None))
+            finally:
+                self._cm = None
+        if not self._loop.is_closed():
+            self._loop.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
