@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the bundle is kept, marked failed in its manifest, for inspection)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the profile's, else 17)")
     p.add_argument("--require-engine", action="store_true", help="tensorrt: fail unless the engine could be built here")
+    p.add_argument("--fp16-baseline", choices=("on", "off"),
+                   help="tensorrt int8: also carry the FP16 form of the model, so the device runner times an FP16 engine beside "
+                        "the INT8 one and the report says whether INT8 pays (default on; off saves its build time and bytes)")
     p.add_argument("--image-input", action="store_true", help="coreml: take an image input with normalisation folded in")
     p.add_argument("--bundled-inputs", type=int, help="executorch: also write a BundledProgram with N test inputs")
     p.add_argument("--etdump", action="store_true", help="executorch: profile one run with ETDump and save it in the bundle")
@@ -78,6 +81,9 @@ def given_flags(args: argparse.Namespace) -> List[str]:
 def spec_from_args(args: argparse.Namespace) -> BuildSpec:
     profile = load_profile(args.profile) if args.profile else None
     options = {}
+    precision = args.precision or (profile.precision if profile and profile.precision else "fp32")
+    if args.fp16_baseline is not None:  # where it applies: convert_flags (checked before this)
+        options["fp16_baseline"] = args.fp16_baseline == "on"
     if args.opset is not None:
         options["opset"] = args.opset
     if args.require_engine:
@@ -91,7 +97,7 @@ def spec_from_args(args: argparse.Namespace) -> BuildSpec:
     return BuildSpec(
         target=args.target,
         output=Path(args.output),
-        precision=args.precision or (profile.precision if profile and profile.precision else "fp32"),
+        precision=precision,
         checkpoint=args.checkpoint,
         model=args.model,
         # "is not None": --batch-size 0 must be refused, not replaced by the default

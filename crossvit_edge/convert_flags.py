@@ -88,6 +88,8 @@ FLAGS: Tuple[Flag, ...] = (
     Flag("--fail-on-check", None, what="the exit status after the check"),
     Flag("--opset", "options.opset", targets=("onnx", "tensorrt"), what="the ONNX graph"),
     Flag("--require-engine", "options.require_engine", targets=("tensorrt",), what="the TensorRT engine build"),
+    Flag("--fp16-baseline", "options.fp16_baseline", targets=("tensorrt",), precisions=INT8,
+         what="the FP16 form the device times beside the INT8 engine"),
     Flag("--image-input", "options.image_input", targets=("coreml",), what="the Core ML input type"),
     Flag("--bundled-inputs", "options.bundled_inputs", targets=("executorch",), what="the ExecuTorch BundledProgram"),
     Flag("--etdump", "options.etdump", targets=("executorch",), what="the ExecuTorch profile"),

@@ -26,7 +26,7 @@ from .bundle import TARGETS, Bundle, SchemaCheck, check_relative_name, open_bund
 from .cli_common import check_int
 from .data import ImageSet
 from .errors import UserError, brief
-from .metrics import compare_logits, latency_summary
+from .metrics import INT8_MAX_AGREEMENT_LOSS, INT8_PAYS_RATIO, compare_logits, int8_verdict, latency_summary
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ class Row:
     # any, as the device side recorded it (qemu-user for aarch64 checks without ARM hardware)
     architecture: Optional[str] = None
     emulator: Optional[str] = None
+    # the INT8 row this row is the FP16 baseline of (a TensorRT results file's fp16_baseline)
+    fp16_baseline_of: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return self.__dict__.copy()
@@ -235,12 +237,45 @@ def profile_bundles(
         finally:
             runner.close()
     for result in merged or []:
-        rows.append(_merged_row(result, images, ref_logits, labels))
+        row = _merged_row(result, images, ref_logits, labels)
+        rows.append(row)
+        if result.get("fp16_baseline") is not None:
+            baseline = _merged_row(result["fp16_baseline"], images, ref_logits, labels)
+            baseline.name = f"{row.name} (FP16 baseline)"
+            baseline.fp16_baseline_of = row.name
+            rows.append(baseline)
+    row_dicts = [r.to_dict() for r in rows]
     return {
         "images": {"root": str(images.root), "count": len(images), "labelled": labels is not None, "sha256": images.sha256()},
         "settings": settings.__dict__,
-        "rows": [r.to_dict() for r in rows],
+        "rows": row_dicts,
+        "int8_vs_fp16": int8_vs_fp16(row_dicts),
     }
+
+
+def int8_vs_fp16(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Each INT8 row beside the FP16 row of the same model on the same device, with
+    ``metrics.int8_verdict``: a TensorRT INT8 row with its results file's FP16 baseline, else an
+    INT8 row and the one FP16 row of the same target that ran on the same machine (the ExecuTorch
+    int8 and fp16 ``.pte`` the C++ app or this host ran). A pair that is ambiguous (two FP16 rows)
+    is not guessed."""
+    out = []
+    for r in rows:
+        if r["precision"] != "int8":
+            continue
+        linked = [f for f in rows if f.get("fp16_baseline_of") == r["name"] and f["precision"] == "fp16"]
+        same = [f for f in rows if f["precision"] == "fp16" and not f.get("fp16_baseline_of")
+                and f["target"] == r["target"] and ran_on(f) == ran_on(r)]
+        pair = linked or same
+        if len(pair) != 1:
+            continue
+        f = pair[0]
+        v = int8_verdict(r["latency"], f["latency"], r["accuracy"].get("top1_agreement"), f["accuracy"].get("top1_agreement"))
+        out.append({"int8": r["name"], "fp16": f["name"], "target": r["target"], "ran_on": ran_on(r),
+                    "int8_p50_ms": (r["latency"] or {}).get("p50_ms"), "fp16_p50_ms": (f["latency"] or {}).get("p50_ms"),
+                    "int8_top1_agreement": r["accuracy"].get("top1_agreement"), "fp16_top1_agreement": f["accuracy"].get("top1_agreement"),
+                    **v})
+    return out
 
 
 def _sample_indices(images: ImageSet, n: int) -> np.ndarray:
@@ -443,7 +478,17 @@ def validate_results(data: Any, source: str, num_classes: Optional[int] = None) 
         c.integer(latency, "runs", "latency.runs", 1, 1 << 40, required=False)
         c.integer(latency, "batch_size", "latency.batch_size", 1, 1 << 20, required=False)
         latency = {k: latency[k] for k in (*LATENCY_KEYS, "runs", "batch_size") if latency.get(k) is not None}
-    return {**data, "logits": logits, "latency": latency}
+    baseline = data.get("fp16_baseline")
+    if baseline is not None:
+        if not isinstance(baseline, dict) or baseline.get("fp16_baseline") is not None:
+            c.fail("fp16_baseline", "expected one results record (the FP16 engine's), without a baseline of its own")
+        baseline = validate_results(baseline, f"{source}: fp16_baseline", num_classes=logits.shape[1])
+        if baseline["images"] != images:
+            c.fail("fp16_baseline.images", "must be the same images in the same order as the INT8 engine's")
+        if baseline.get("precision") != "fp16":
+            c.fail("fp16_baseline.precision", f"expected fp16, got {brief(baseline.get('precision'))}")
+    c.integer(data, "format", "format", 1, 2, required=False)
+    return {**data, "logits": logits, "latency": latency, "fp16_baseline": baseline}
 
 
 def _image_key(path: Path, images: ImageSet) -> str:
@@ -516,6 +561,19 @@ def markdown_report(report: Dict[str, Any]) -> str:
                 _fmt(r["size_bytes"], "{:.1f}", 1e-6), _fmt(r["memory_bytes"], "{:.0f}", 1e-6),
             ]) + " |"
         )
+    pairs = report.get("int8_vs_fp16") or []
+    if pairs:
+        lines += ["", "## Does INT8 pay? (INT8 against FP16 on the same device)", "",
+                  f"INT8 pays when its p50 is at most {INT8_PAYS_RATIO:.2f}x FP16's and its top-1 agreement with fp32 is at most "
+                  f"{100 * INT8_MAX_AGREEMENT_LOSS:.0f} point below FP16's.", "",
+                  "| INT8 | FP16 | ran on | INT8 p50 ms | FP16 p50 ms | INT8/FP16 | INT8 top-1 agreement | FP16 top-1 agreement | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for p in pairs:
+            lines.append("| " + " | ".join([
+                md_text(p["int8"]), md_text(p["fp16"]), md_text(p["ran_on"]), _fmt(p["int8_p50_ms"]), _fmt(p["fp16_p50_ms"]),
+                _fmt(p["ratio"], "{:.2f}x"), _fmt(p["int8_top1_agreement"], "{:.2f}%", 100), _fmt(p["fp16_top1_agreement"], "{:.2f}%", 100),
+                md_text(p["verdict"]),
+            ]) + " |")
     lines.append("")
     lines.append("Where an artifact disagrees with fp32, `python -m crossvit_edge.debug BUNDLE --data DIR --output DIR` "
                  "compares it layer by layer and names the layers that lose the most.")

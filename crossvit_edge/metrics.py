@@ -1,7 +1,7 @@
 """Accuracy and latency metrics of an artifact against its fp32 reference (numpy only)."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -64,3 +64,38 @@ def latency_summary(seconds: Sequence[float], batch_size: int) -> Dict[str, floa
         "min_ms": float(t.min()),
         "throughput_ips": float(batch_size * 1e3 / np.median(t)),
     }
+
+
+# INT8 against FP16 on the same device (docs/measurements.md, "Does INT8 pay?"). INT8 pays when its
+# p50 latency is at most INT8_PAYS_RATIO of FP16's: a gain under 10% is within what a Jetson's
+# clocks and a loaded host move between runs, and not worth INT8's calibration and accuracy risk.
+# INT8 is disqualified when its top-1 agreement with fp32 is more than INT8_MAX_AGREEMENT_LOSS
+# (fraction, 0.01 = 1 point) below FP16's on the same images, however fast it is.
+INT8_PAYS_RATIO = 0.90
+INT8_MAX_AGREEMENT_LOSS = 0.01
+
+
+def latency_ratio(int8_latency: Optional[Dict[str, Any]], fp16_latency: Optional[Dict[str, Any]]) -> Optional[float]:
+    """INT8 p50 / FP16 p50 (same batch size expected), None when either is missing or zero."""
+    a = (int8_latency or {}).get("p50_ms")
+    b = (fp16_latency or {}).get("p50_ms")
+    if a is None or not b:
+        return None
+    return float(a) / float(b)
+
+
+def int8_verdict(int8_latency, fp16_latency, int8_agreement: Optional[float], fp16_agreement: Optional[float]) -> Dict[str, Any]:
+    """Whether INT8 pays against FP16 on the device both ran on: the p50 ratio, the agreement gap
+    (top-1 agreement with fp32, FP16's minus INT8's), and a one-line verdict. One function for
+    every target (TensorRT engines, ExecuTorch programs)."""
+    ratio = latency_ratio(int8_latency, fp16_latency)
+    loss = None if int8_agreement is None or fp16_agreement is None else float(fp16_agreement) - float(int8_agreement)
+    if ratio is None:
+        return {"ratio": None, "agreement_loss": loss, "pays": None, "verdict": "no verdict: latency of both is needed"}
+    if loss is not None and loss > INT8_MAX_AGREEMENT_LOSS:
+        pays, text = False, (f"INT8 does not pay here: {ratio:.2f}x FP16 but top-1 agreement {100 * loss:.1f} points below FP16's, ship FP16")
+    elif ratio <= INT8_PAYS_RATIO:
+        pays, text = True, f"INT8 pays here: {ratio:.2f}x FP16"
+    else:
+        pays, text = False, f"INT8 does not pay here: {ratio:.2f}x FP16, ship FP16"
+    return {"ratio": ratio, "agreement_loss": loss, "pays": pays, "verdict": text}

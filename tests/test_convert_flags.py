@@ -50,7 +50,7 @@ def example_args(flag: str, target: str, inputs) -> list:
         "--calib-percentile": ["99.9"], "--calib-batch-size": ["2"], "--calib-seed": ["3"],
         "--calib-stats": [inputs["stats"]], "--smooth-alpha": ["0.5"], "--float-layers": [inputs["layers"]],
         "--max-drop": ["1.5"], "--eval-data": [inputs["images"]], "--eval-samples": ["5"], "--ignore-class-names": [],
-        "--fail-on-check": [], "--opset": ["18"], "--require-engine": [], "--image-input": [], "--bundled-inputs": ["2"],
+        "--fail-on-check": [], "--opset": ["18"], "--require-engine": [], "--fp16-baseline": ["on"], "--image-input": [], "--bundled-inputs": ["2"],
         "--etdump": [], "--verbose": [],
     }
     assert set(values) == {f.name for f in FLAGS}, "every flag of the table needs an example value here"

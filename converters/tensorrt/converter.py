@@ -19,7 +19,7 @@ from crossvit_edge.errors import UserError
 
 from ..base import Artifact, Converter
 from .build_script import BUILD_SCRIPT, DEVICE_PROG, TIMING_CACHE, build_script, latency_flags, trtexec_flags
-from .versions import FP32_PREFIX, TrtTarget, is_jetson, resolve_target, version_guard
+from .versions import FP32_PREFIX, TrtTarget, builder_flags, is_jetson, resolve_target, version_guard
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,12 @@ class TensorRTConverter(Converter):
             trtexec_float = cache_info["int8_layers"]["trtexec"]["float_for_lack_of_range"]
             notes.append(f"implicit INT8: build with python -m {DEVICE_PROG} BUNDLE --build (ranges every tensor); build_engine.sh (trtexec) leaves "
                          f"{trtexec_float} nodes fed by constant tensors in float; the accuracy check ran the Q/DQ stand-in, not this graph")
+        fp16_baseline = None
+        if precision == "int8" and spec.option("fp16_baseline", True):
+            fp16_baseline, baseline_report = fp16_baseline_graph(ctx, target, out_dir)
+            files.append(fp16_baseline["onnx"])
+            report["fp16_baseline"] = baseline_report
+        trt_manifest["fp16_baseline"] = fp16_baseline
         primary, runnable = onnx_name, False
         ok, why = _engine_possible(target)
         if ok:
@@ -255,6 +261,55 @@ class TensorRTConverter(Converter):
             runnable_here=runnable,
             check_with=reference or onnx_name,
         )
+
+
+FP16_BASELINE_FORMAT = 1
+
+
+def fp16_baseline_graph(ctx, target: TrtTarget, out_dir: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """What the device needs to build the FP16 engine of the same model beside the INT8 one (so
+    the report can say whether INT8 pays there): the fp32 model (no Q/DQ, no smoothing) exported
+    for this TensorRT's mode. Strongly typed (10.x ``strongly-typed``, every 11.x) builds the
+    precision the graph states, so the graph is fp16 inside with float32 I/O, as ``--precision
+    fp16`` writes it; weakly typed and implicit builds take the fp32 graph with ``BuilderFlag.FP16``
+    (``versions.builder_flags``). The 8.5 LayerNorm decomposition and its fp32 pins apply as in
+    the main build. Returns (manifest ``tensorrt.fp16_baseline``, report entry)."""
+    import onnx
+
+    from crossvit_edge.crossvit import for_export
+
+    from ..onnx import export_onnx, onnx_metadata
+    from .onnx_surgery import decompose_layernorm
+    from .static_check import static_check
+
+    stem = f"{ctx.model_name}_fp16_baseline"
+    onnx_name = f"{stem}.onnx"
+    fp16_graph = target.strongly_typed
+    metadata = {**onnx_metadata(ctx), "precision": "fp16"}
+    proto = export_onnx(for_export(ctx.fp32_model), out_dir / onnx_name, ctx.spec.batch_size, opset=target.opset,
+                        fp16=fp16_graph, metadata=metadata)
+    pins: List[str] = []
+    if target.decompose_layernorm:
+        pins = decompose_layernorm(proto)
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, str(out_dir / onnx_name))
+    mode = target.mode if target.strongly_typed else "explicit"  # implicit INT8's mode means nothing without INT8
+    flags = builder_flags(target.version, mode, "fp16", target.dla_core is not None, target.gpu_fallback, bool(pins) and not fp16_graph)
+    section = {
+        "format": FP16_BASELINE_FORMAT,
+        "precision": "fp16",
+        "mode": mode,
+        "graph": "fp16 weights and activations, float32 I/O (strongly typed)" if fp16_graph else "fp32 graph, BuilderFlag.FP16 (weakly typed)",
+        "onnx": onnx_name,
+        "engine": f"{stem}.engine",
+        "layer_info": f"{stem}.layers.json",
+        "builder_flags": flags,
+        "fp32_layer_prefix": FP32_PREFIX if pins else None,
+        "fp32_layers": len(pins),
+    }
+    report = static_check(proto, target)
+    report.update(file=onnx_name, bytes=(out_dir / onnx_name).stat().st_size, graph=section["graph"])
+    return section, report
 
 
 def int8_mode_summary(target: TrtTarget, report: Dict[str, Any], cache_info: Dict[str, Any]) -> Dict[str, Any]:

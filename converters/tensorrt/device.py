@@ -541,6 +541,9 @@ class TensorRTRunner(Runner):
 
         options = manifest.get("tensorrt") or {}
         onnx_files = {options["onnx"]} if options.get("onnx") else set()
+        baseline = options.get("fp16_baseline")
+        if isinstance(baseline, dict) and isinstance(baseline.get("onnx"), str):
+            onnx_files.add(baseline["onnx"])
         if not rel.endswith(".engine"):
             onnx_files.add(rel)
         for name in sorted(onnx_files):
@@ -770,11 +773,46 @@ def folder_results(bundle: Path, manifest: Dict[str, Any], runner: Runner, image
     }
 
 
-def build_bundle_engine(bundle: Path, manifest: Dict[str, Any]) -> Dict[str, Any]:
-    """Build the bundle's engine in place (engine, layer information, timing cache)."""
+BASELINE_KEYS = ("precision", "mode", "onnx", "engine", "layer_info", "builder_flags", "fp32_layer_prefix", "fp32_layers")
+
+
+def engine_options(manifest: Dict[str, Any], fp16_baseline: bool = False) -> Dict[str, Any]:
+    """The build options of the bundle's engine (its manifest's ``tensorrt`` section), or with
+    ``fp16_baseline`` those of the FP16 engine of the same model (``tensorrt.fp16_baseline``
+    overrides the precision, mode, files and flags; no calibration cache). The same TensorRT,
+    device, DLA, workspace and timing cache either way."""
     options = dict(manifest.get("tensorrt") or {})
     if not options:
-        raise UserError(f"{bundle} is not a TensorRT bundle (no 'tensorrt' section in its manifest)")
+        raise UserError("not a TensorRT bundle (no 'tensorrt' section in its manifest)")
+    if not fp16_baseline:
+        return options
+    baseline = options.get("fp16_baseline")
+    if not isinstance(baseline, dict):
+        raise UserError("this bundle carries no FP16 baseline (converted with --fp16-baseline off, or before it existed)")
+    for key in BASELINE_KEYS:
+        options[key] = baseline.get(key)
+    if options["precision"] != "fp16" or not all(isinstance(options[k], str) for k in ("onnx", "engine", "mode")):
+        raise UserError("tensorrt.fp16_baseline: needs precision fp16 and onnx, engine and mode names")
+    options["calibration_cache"] = None
+    options["fp16_baseline"] = None
+    return options
+
+
+def baseline_manifest(manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """The manifest as the FP16 baseline's runner reads it: the same bundle (files, signature,
+    preprocessing), with the baseline's engine as the artifact and its options as ``tensorrt``."""
+    options = engine_options(manifest, fp16_baseline=True)
+    return {**manifest, "precision": "fp16", "tensorrt": options,
+            "artifact": {**manifest["artifact"], "file": options["engine"]}}
+
+
+def build_bundle_engine(bundle: Path, manifest: Dict[str, Any], fp16_baseline: bool = False) -> Dict[str, Any]:
+    """Build the bundle's engine in place (engine, layer information, timing cache); with
+    ``fp16_baseline`` the FP16 engine of the same model (``engine_options``)."""
+    try:
+        options = engine_options(manifest, fp16_baseline)
+    except UserError as e:
+        raise UserError(f"{bundle}: {e}") from None
     bundle = Path(bundle)
     options["bundle_dir"] = str(bundle)
     onnx_path, engine_path = bundle_file(bundle, options, "onnx"), bundle_file(bundle, options, "engine")
@@ -802,6 +840,11 @@ def _refuse_overwriting_inputs(bundle: Path, manifest: Dict[str, Any], options: 
     root = Path(bundle).resolve()
     protected = {root / MANIFEST, (root / manifest["artifact"]["file"]).resolve()}
     protected |= {p.resolve() for p in (bundle_file(bundle, options, k) for k in ("onnx", "calibration_cache")) if p is not None}
+    baseline = (manifest.get("tensorrt") or {}).get("fp16_baseline")
+    for tensorrt in (manifest.get("tensorrt") or {}, baseline if isinstance(baseline, dict) else {}):
+        path = bundle_file(bundle, tensorrt, "onnx")  # the INT8 build's ONNX and the baseline's: both are build inputs
+        if path is not None:
+            protected.add(path.resolve())
     for path in outputs:
         if path is not None and (path.resolve() in protected or path.is_dir()):
             raise UserError(f"{bundle}: the manifest's tensorrt section points a build output at {path.name}, "
@@ -850,6 +893,40 @@ def _refresh_listed_files(bundle: Path, manifest: Dict[str, Any], written: List[
     manifest.update(new)
 
 
+# 1: one engine per file; 2: adds ``format`` and ``fp16_baseline`` (the FP16 engine of the same
+# model, a results record of the same shape, without ``fp16_baseline`` of its own)
+RESULTS_FORMAT = 2
+TIMING = "CUDA events around execute_async_v3 (inputs resident on the GPU, no host copies), {runs} runs after {warmup} warm-up runs"
+
+
+def run_fp16_baseline(bundle: Path, manifest: Dict[str, Any], images, pre, rebuild: bool, warmup: int, runs: int) -> Dict[str, Any]:
+    """Build (unless listed already and no ``--build``) and run the bundle's FP16 engine of the
+    same model: the same images, the same first batch timed with the same protocol as the INT8
+    engine. Returns its results record (``folder_results``)."""
+    from crossvit_edge.bundle import open_bundle
+    from crossvit_edge.isolation import in_child
+
+    options = engine_options(manifest, fp16_baseline=True)
+    engine = bundle_file(bundle, options, "engine")
+    listed = engine is not None and engine.resolve().relative_to(Path(bundle).resolve()).as_posix() in manifest.get("files", {})
+    build = None
+    if rebuild or not listed:
+        build = in_child(f"bundle {bundle.name}: building its FP16 baseline engine", lambda: build_bundle_engine(bundle, manifest, fp16_baseline=True))
+        manifest = open_bundle(bundle).manifest
+    fp16 = baseline_manifest(manifest)
+    in_child(f"bundle {bundle.name}: its FP16 baseline engine", lambda: _load_and_run_once(bundle, fp16))
+    runner = TensorRTRunner(bundle, fp16)
+    try:
+        logits = run_folder(runner, images, pre)
+        first = np.stack([pre(images.paths[i % len(images)]) for i in range(runner.batch_size)]).astype(np.float32)
+        seconds = runner.time(first, warmup=warmup, runs=runs)
+        return folder_results(bundle, fp16, runner, images, logits, seconds,
+                              device=f"{runner.device}, TensorRT {runner.trt.__version__}",
+                              timing=TIMING.format(runs=runs, warmup=warmup), tensorrt_version=runner.trt.__version__, built_here=build)
+    finally:
+        runner.close()
+
+
 def _load_and_run_once(bundle: Path, manifest: Dict[str, Any]) -> None:
     """Deserialize the engine and run one batch of zeros (what the child of ``in_child`` does)."""
     runner = TensorRTRunner(bundle, manifest)
@@ -872,6 +949,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--points", type=Path, help="points file from python -m crossvit_edge.debug: build an engine (in memory, the "
                    "bundle is not changed) with those tensors as extra outputs and write their values beside the results")
+    p.add_argument("--fp16-baseline", choices=("on", "off"), default="on",
+                   help="an INT8 bundle's FP16 engine of the same model: build it (when not built yet, or with --build) and time it "
+                        "beside the INT8 one on the same images (default on)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -945,13 +1025,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             result = folder_results(
                 bundle, manifest, runner, images, logits, seconds,
                 device=f"{runner.device}, TensorRT {runner.trt.__version__}",
-                timing=f"CUDA events around execute_async_v3 (inputs resident on the GPU, no host copies), {args.runs} runs after {args.warmup} warm-up runs",
+                timing=TIMING.format(runs=args.runs, warmup=args.warmup),
                 tensorrt_version=runner.trt.__version__,
                 built_here=build,
                 **({"intermediates": intermediates} if intermediates is not None else {}),
             )
         finally:
             runner.close()
+        baseline = (manifest.get("tensorrt") or {}).get("fp16_baseline")
+        if baseline and args.fp16_baseline == "on" and located is None:
+            result["fp16_baseline"] = run_fp16_baseline(bundle, manifest, images, pre, args.build, args.warmup, args.runs)
+        result["format"] = RESULTS_FORMAT
         try:
             args.output.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -959,6 +1043,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         write_json(args.output, result)
         lat = result["latency"]
         print(f"{len(images)} images, p50 {lat['p50_ms']:.3f} ms per batch of {runner.batch_size}; wrote {args.output}")
+        if "fp16_baseline" in result:
+            from crossvit_edge.metrics import latency_ratio
+
+            print(f"FP16 baseline: p50 {result['fp16_baseline']['latency']['p50_ms']:.3f} ms; INT8/FP16 "
+                  f"{latency_ratio(lat, result['fp16_baseline']['latency']):.2f}x (accuracy: python -m crossvit_edge.profile --merge {args.output})")
         return 0
 
     return run_cli(PROG, body)
