@@ -66,13 +66,6 @@ _DTYPES = {"Float32": "float32", "Float16": "float16", "Int8": "int8", "Int32": 
 _SIGNATURE = re.compile(r"NDArray \((\w+), ([0-9 ×]*)\)")
 
 
-def _option(spec, key: str, default: Any = None) -> Any:
-    if key in spec.options:
-        return spec.options[key]
-    if spec.profile is not None and key in spec.profile.options:
-        return spec.profile.options[key]
-    return default
-
 
 # --------------------------------------------------------------------------------------------------
 # PyTorch side: Core AI's quantization ops in place of the plan's Q/DQ
@@ -256,7 +249,7 @@ class CoreAIConverter(Converter):
 
     def validate(self, spec) -> None:
         super().validate(spec)
-        os_name = str(_option(spec, "minimum_os", DEFAULT_MINIMUM_OS))
+        os_name = str(spec.target_option("minimum_os", DEFAULT_MINIMUM_OS))
         if os_name not in MINIMUM_OS:
             raise UserError(f"coreai.minimum_os {brief(os_name)} is not supported; choose one of: {', '.join(MINIMUM_OS)}")
 
@@ -290,7 +283,7 @@ class CoreAIConverter(Converter):
         example = ctx.example_input()
         with torch.no_grad():
             program = build_program(wrapped, example)
-        os_name = str(_option(spec, "minimum_os", DEFAULT_MINIMUM_OS))
+        os_name = str(spec.target_option("minimum_os", DEFAULT_MINIMUM_OS))
         name = f"{ctx.model_name}_{precision}.aimodel"
         path = Path(out_dir) / name
         from coreai.authoring.asset import OSVersion
@@ -303,7 +296,7 @@ class CoreAIConverter(Converter):
         info = {
             "minimum_os": os_name,
             "compute_dtype": "float16",
-            "device": _option(spec, "device"),
+            "device": spec.target_option("device"),
             "function": FUNCTION,
             **_versions(),
         }

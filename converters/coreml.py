@@ -93,20 +93,12 @@ def parse_deployment_target(name: str):
 
 def target_name(spec) -> str:
     default = W8A8_TARGET if spec.precision == "int8" else DEFAULT_TARGET
-    return str(_option(spec, "minimum_deployment_target", default))
+    return str(spec.target_option("minimum_deployment_target", default))
 
-
-def _option(spec, key: str, default: Any = None) -> Any:
-    """A target option from the spec (CLI and merged profile), else the profile, else default."""
-    if key in spec.options:
-        return spec.options[key]
-    if spec.profile is not None and key in spec.profile.options:
-        return spec.profile.options[key]
-    return default
 
 
 def _fp32_ops(spec) -> Tuple[str, ...]:
-    ops = _option(spec, "fp32_ops", DEFAULT_FP32_OPS)
+    ops = spec.target_option("fp32_ops", DEFAULT_FP32_OPS)
     if isinstance(ops, str):
         ops = [o for o in ops.split(",") if o]
     return tuple(ops)
@@ -442,10 +434,10 @@ class CoreMLConverter(Converter):
                 f"--precision int8 (W8A8) on Core ML needs minimum_deployment_target iOS17 / macOS14 or newer, "
                 f"the build asks for {name}; use --precision int8-weights or fp16 for {name}"
             )
-        units = str(_option(spec, "compute_units", DEFAULT_COMPUTE_UNITS))
+        units = str(spec.target_option("compute_units", DEFAULT_COMPUTE_UNITS))
         if units not in COMPUTE_UNITS:
             raise UserError(f"unknown Core ML compute_units {units!r}; choose one of: {', '.join(COMPUTE_UNITS)}")
-        if bool(_option(spec, "image_input", False)) and spec.batch_size != 1:
+        if bool(spec.target_option("image_input", False)) and spec.batch_size != 1:
             raise UserError(f"--image-input takes one image per prediction: use --batch-size 1 (got {spec.batch_size})")
         if spec.precision == "int8" and spec.calibration.data is None:
             raise UserError(
@@ -464,8 +456,8 @@ class CoreMLConverter(Converter):
         precision = spec.precision
         tname = target_name(spec)
         target = parse_deployment_target(tname)
-        units = str(_option(spec, "compute_units", DEFAULT_COMPUTE_UNITS))
-        image_input = bool(_option(spec, "image_input", False))
+        units = str(spec.target_option("compute_units", DEFAULT_COMPUTE_UNITS))
+        image_input = bool(spec.target_option("image_input", False))
         fp32_ops = _fp32_ops(spec) if precision != "fp32" else ()
         pre = ctx.preprocessing
         size = ctx.fp32_model.config.img_size
@@ -531,7 +523,7 @@ class CoreMLConverter(Converter):
             "image_input": image_input,
             "compute_precision": "fp32" if precision == "fp32" else "fp16",
             "fp32_ops": list(fp32_ops),
-            "device": _option(spec, "device"),
+            "device": spec.target_option("device"),
         }
         _set_metadata(mlmodel, ctx, info)
         name = f"{ctx.model_name}_{precision}.mlpackage"

@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Dict, Iterator, List, Optional
 
 from . import safe_io
+from .convert_flags import PRECISIONS, TARGETS  # what a manifest may name: the flag table's, one list
 from .device_profiles import ONNX_INT8_FORMS
 from .errors import UserError, brief
 from .tsv import unsafe_label_char
@@ -54,8 +55,6 @@ MAX_NAME = 4096  # characters in a path or name from a manifest
 MAX_BATCH_INPUT_BYTES = 256 << 20
 # The sum of the sizes a manifest lists: every byte of it is read and hashed before anything loads.
 MAX_BUNDLE_BYTES = 8 << 30
-TARGETS = ("onnx", "tensorrt", "coreml", "executorch", "coreai")
-PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
 
 
 def batch_input_bytes(batch: int, size: int) -> int:

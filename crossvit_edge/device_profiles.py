@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import safe_io
+from .convert_flags import PRECISIONS, TARGETS
 from .errors import UserError, brief
 
 # crossvit_edge/profiles links to the top-level profiles/ folder; installed, it is package data
@@ -75,10 +76,9 @@ _TOP_SCHEMA = {
     "target": (str, None),
     "description": (str, None),
     "batch_size": (int, (1, MAX_BATCH)),
-    "precision": (str, ("fp32", "fp16", "int8", "int8-weights")),
+    "precision": (str, PRECISIONS),
     "threads": (int, (1, 1024)),
 }
-TARGETS = ("onnx", "tensorrt", "coreml", "executorch", "coreai")
 
 
 @dataclass(frozen=True)

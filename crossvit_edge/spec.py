@@ -67,6 +67,14 @@ class BuildSpec:
     def option(self, key: str, default: Any = None) -> Any:
         return self.options.get(key, default)
 
+    def target_option(self, key: str, default: Any = None) -> Any:
+        """A target option from the command line or Python, else the device profile's, else default."""
+        if key in self.options:
+            return self.options[key]
+        if self.profile is not None and key in self.profile.options:
+            return self.profile.options[key]
+        return default
+
     def validate(self) -> None:
         """Every value range-checked (NaN and infinities refused) and the output checked, before
         any heavy import or work; UserError naming the flag otherwise."""
