@@ -634,7 +634,7 @@ def test_runner_registry_is_fixed_code():
     from crossvit_edge import converters
     from crossvit_edge.converters.base import runner_class
 
-    assert set(converters.RUNNERS) == {"onnx", "pte", "mlpackage", "engine"}
+    assert set(converters.RUNNERS) == {"onnx", "pte", "mlpackage", "engine", "aimodel"}
     assert all(v.startswith("crossvit_edge.converters.") for v in converters.RUNNERS.values())
     assert runner_class("onnx").__name__ == "OnnxRuntimeRunner"
     for bad in ("payload:Runner", "os:system", "crossvit_edge.converters.onnx:OnnxRuntimeRunner", "converters.onnx:OnnxRuntimeRunner", None, ["onnx"]):
