@@ -338,8 +338,28 @@ def test_device_marks_the_points_as_engine_outputs(tmp_path, micro_checkpoint, d
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["onnx", "executorch", "coreml"])
 def test_demo_model_broken_fc1_is_diagnosed(target, tmp_path, demo_checkpoint, digits_dir, monkeypatch):
-    """The trained demo model, full size: the same diagnosis on every target."""
+    """The trained demo model, full size: the same diagnosis on every target, and the headline
+    names the broken layer."""
     BREAKS[target](monkeypatch)
     bundle = _build(tmp_path / "b", demo_checkpoint, digits_dir, target)
     report = _compare(bundle, demo_checkpoint, digits_dir, n=8, calib=target == "executorch")
+    print(target, "broken:", report["headline"]["text"])
     assert report["first_jump"] is not None and report["first_jump"]["key"] == f"{BROKEN}:input", report["first_jump"]
+    assert report["headline"]["jump"] and report["headline"]["text"].startswith(f"first jump: {BROKEN}:input")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["onnx", "executorch", "coreml"])
+def test_demo_model_healthy_bundle_headline_names_no_jump(target, tmp_path, demo_checkpoint, digits_dir):
+    """The trained demo model with the default calibration: the headline names no jump (its worst
+    point within what its own int8 grid allows), so it can never be confused with the broken fc1.
+    Needs the image input's range from the preprocessing (issue 28 item 1): an entropy-calibrated
+    image range clips several % of the image and is (rightly) named."""
+    from crossvit_edge.spec import CalibrationSettings as Defaults
+
+    bundle = _build(tmp_path / "h", demo_checkpoint, digits_dir, target, method=Defaults().method)
+    report = _compare(bundle, demo_checkpoint, digits_dir, n=8, calib=target == "executorch")
+    print(target, "healthy:", report["headline"]["text"])
+    assert report["first_jump"] is None and not report["headline"]["jump"], report["headline"]
+    assert report["headline"]["text"].startswith("no jump: worst point")
+    assert report["headline"]["layer"] != BROKEN
