@@ -411,6 +411,8 @@ def _num(v, spec="{:.2f}") -> str:
 
 def _plan_scale(row: Dict[str, Any]) -> str:
     """The plan's scale, with the estimator that chose it where the plan records one."""
+    from .harness import md_text
+
     text = _num(row.get("plan_scale"), "{:.4g}")
     return f"{text} ({md_text(row['estimator'], 40)})" if row.get("estimator") and row.get("plan_scale") is not None else text
 
