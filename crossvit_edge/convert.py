@@ -136,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "bytes": manifest["artifact"]["bytes"],
             "precision": manifest["precision"],
         }
-        for key in ("top1", "reference_top1", "top1_agreement", "cosine", "max_abs_diff", "images", "images_source"):
+        for key in ("top1", "reference_top1", "top1_agreement", "cosine", "snr_db", "kl", "max_abs_diff", "images", "images_source"):
             if key in check:
                 summary[key] = check[key]
         summary["check"] = "skipped" if "skipped" in check else ("passed" if check.get("passed") else "FAILED")

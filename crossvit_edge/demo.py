@@ -4,14 +4,19 @@
 2. load the demo checkpoint and evaluate it on the val split through the project's preprocessing;
 3. convert it for every target (ONNX fp32/int8, TensorRT bundle for a Jetson profile, ExecuTorch
    fp32/int8, Core ML fp16/int8-weights/W8A8), calibrating on the train split;
-4. profile every bundle against the fp32 model on the val split: report.json, report.md, report.png.
+4. profile every bundle against the fp32 model on every digits image not used for calibration (the
+   val split and the train images outside the calibration sample, ``heldout/``): report.json,
+   report.md, report.png. The post-conversion checks score the same images.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -55,6 +60,38 @@ def evaluate_checkpoint(checkpoint: str, val_dir: Path) -> float:
     return float((logits.argmax(1) == np.asarray(images.labels)).mean())
 
 
+def check_samples(target: str, heldout: int, checker_samples: int) -> int:
+    """Images for a build's post-conversion check: every held-out image, except where the runner
+    here is the numpy Core ML checker (off macOS, ~1.5 s an image): ``--checker-samples`` of them,
+    as the profile scores it."""
+    if target == "coreml" and sys.platform != "darwin" and checker_samples:
+        return min(checker_samples, heldout)
+    return heldout
+
+
+def write_heldout_imagefolder(train_dir: Path, val_dir: Path, calibration_paths, out_dir: Path) -> Path:
+    """Every image of ``val_dir`` and ``train_dir`` except ``calibration_paths`` (the calibration
+    sample), as one ImageFolder ``out_dir`` (class sub-folders; the digits' file names are unique
+    across the splits). Rebuilt in a temporary folder that replaces ``out_dir`` in one rename."""
+    used = {Path(p).resolve() for p in calibration_paths}
+    out_dir = Path(out_dir)
+    stage = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        for split in (val_dir, train_dir):
+            for image in sorted(Path(split).glob("*/*.png")):
+                if image.resolve() in used:
+                    continue
+                (stage / image.parent.name).mkdir(exist_ok=True)
+                shutil.copyfile(image, stage / image.parent.name / image.name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(stage, out_dir)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
+    return out_dir
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=Path("demo_data/digits"))
@@ -84,7 +121,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         settings = ProfileSettings(runs=args.runs, warmup=3, threads=2, checker_samples=args.checker_samples)
         checkpoint = args.checkpoint or str(DEMO_CHECKPOINT)
         train_dir, val_dir = write_digits_imagefolder(args.data)
-        print(f"demo data: {train_dir} and {val_dir} (scikit-learn digits as PNG)")
+        calibration = CalibrationSettings(data=train_dir, samples=args.calib_samples)
+        calibration.validate()
+        # the measurements: every digits image the int8 builds are not calibrated on
+        calib_sample = open_image_set(train_dir).sample(min(calibration.samples, len(open_image_set(train_dir))), seed=calibration.seed)
+        heldout_dir = write_heldout_imagefolder(train_dir, val_dir, calib_sample.paths, Path(args.data) / "heldout")
+        heldout = open_image_set(heldout_dir)
+        print(f"demo data: {train_dir} and {val_dir} (scikit-learn digits as PNG); measured on {heldout_dir}: "
+              f"the {len(heldout)} images outside the {len(calib_sample)}-image calibration sample")
         top1 = evaluate_checkpoint(checkpoint, val_dir)
         print(f"fp32 PyTorch top-1 on the digits val split: {100 * top1:.2f}%")
 
@@ -101,9 +145,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 precision=precision,
                 checkpoint=checkpoint,
                 profile=load_profile(profile) if profile else None,
-                calibration=CalibrationSettings(data=train_dir, samples=args.calib_samples) if precision == "int8" else CalibrationSettings(),
-                eval_data=val_dir,
-                eval_samples=100,
+                calibration=calibration if precision == "int8" else CalibrationSettings(),
+                eval_data=heldout_dir,
+                eval_samples=check_samples(target, len(heldout), args.checker_samples),
                 overwrite=True,
             )
             t = time.time()
@@ -111,14 +155,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             check = manifest.get("accuracy_check", {})
             print(
                 f"built {name:24s} {manifest['artifact']['file']:40s} {manifest['artifact']['bytes'] / 1e6:7.2f} MB "
-                f"agreement {100 * check.get('top1_agreement', float('nan')):6.2f}% in {time.time() - t:5.1f} s"
+                f"agreement {100 * check.get('top1_agreement', float('nan')):6.2f}% SNR {check.get('snr_db', float('nan')):5.1f} dB "
+                f"in {time.time() - t:5.1f} s"
             )
             for note in manifest.get("notes", []):
                 print(f"    {note}")
             bundles.append(spec.output)
 
         ckpt = load_checkpoint(checkpoint)
-        images = open_image_set(val_dir)
+        images = heldout
         report = profile_bundles(
             bundles, images, Preprocessing(ckpt.model.config.img_size, ckpt.model.config.crop_pct), ckpt.model,
             settings,

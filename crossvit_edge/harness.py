@@ -543,10 +543,10 @@ def markdown_report(report: Dict[str, Any]) -> str:
     lines = [
         f"# crossvit_edge profile: {report['images']['count']} images from {md_text(report['images']['root'])}",
         "",
-        "Every artifact and the fp32 reference ran on the same images; agreement, cosine and KL are against the fp32 reference.",
+        "Every artifact and the fp32 reference ran on the same images; agreement, cosine, logit SNR (dB) and KL are against the fp32 reference.",
         "",
-        "| artifact | target | precision | ran on | top-1 | top-5 | top-1 agreement | cosine | KL | p50 ms | p90 ms | p99 ms | img/s | size MB | memory MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| artifact | target | precision | ran on | top-1 | top-5 | top-1 agreement | cosine | SNR dB | KL | p50 ms | p90 ms | p99 ms | img/s | size MB | memory MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         a, l = r["accuracy"], r["latency"] or {}
@@ -556,7 +556,7 @@ def markdown_report(report: Dict[str, Any]) -> str:
             "| " + " | ".join([
                 md_text(r["name"]), md_text(r["target"]), md_text(r["precision"]), md_text(ran_on(r)),
                 _fmt(a.get("top1"), "{:.2f}%", 100) + subset, _fmt(a.get("top5"), "{:.2f}%", 100),
-                _fmt(a.get("top1_agreement"), "{:.2f}%", 100), _fmt(a.get("cosine"), "{:.5f}"), _fmt(a.get("kl"), "{:.2e}"),
+                _fmt(a.get("top1_agreement"), "{:.2f}%", 100), _fmt(a.get("cosine"), "{:.5f}"), _fmt(a.get("snr_db"), "{:.1f}"), _fmt(a.get("kl"), "{:.2e}"),
                 _fmt(l.get("p50_ms")), _fmt(l.get("p90_ms")), _fmt(l.get("p99_ms")), _fmt(l.get("throughput_ips"), "{:.1f}"),
                 _fmt(r["size_bytes"], "{:.1f}", 1e-6), _fmt(r["memory_bytes"], "{:.0f}", 1e-6),
             ]) + " |"

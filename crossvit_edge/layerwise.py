@@ -32,6 +32,14 @@ from crossvit_edge.metrics import compare_logits
 log = logging.getLogger(__name__)
 
 JUMP_DB = 10.0  # an SNR drop larger than this at one point is "where it broke"
+# A point with an int8 grid of its own is a jump only when that grid does not explain its SNR:
+# measured more than GRID_MARGIN_DB below what the grid allows the fp32 values there (uniform
+# rounding noise scale^2/12 over the values inside its range plus the clipped values' error), or
+# more than CLIP_SHARE_MAX of the values clipped (a range that narrow is broken however the error
+# adds up). 6 dB is a factor of 4 in noise power: upstream error alone rarely reaches that at the
+# first point after a good grid, a broken range (scale / 30) misses it by tens of dB.
+GRID_MARGIN_DB = 6.0
+CLIP_SHARE_MAX = 0.01
 INT8_FLOOR_DB = 40.0  # about what one int8 grid leaves a well-ranged activation
 SNR_CAP_DB = 200.0  # identical values (no error at all) are reported at this SNR
 SUGGEST_MAX = 5
@@ -125,6 +133,7 @@ class PointStats:
     max_abs_error: float = 0.0
     cosines: List[float] = field(default_factory=list)
     clipped: int = 0
+    grid_noise: float = 0.0  # what the point's own grid should cost the fp32 values (see expected_grid_noise)
 
     def update(self, reference: np.ndarray, artifact: np.ndarray, quant: Optional[Quant]) -> None:
         r = reference.reshape(len(reference), -1).astype(np.float64)
@@ -141,22 +150,41 @@ class PointStats:
         self.cosines += list(num / den)
         if quant is not None:
             lo, hi = quant.range
-            self.clipped += int(((r < lo) | (r > hi)).sum())
+            outside = (r < lo) | (r > hi)
+            self.clipped += int(outside.sum())
+            self.grid_noise += expected_grid_noise(r, quant, outside)
 
     def summary(self, quant: Optional[Quant]) -> Dict[str, Any]:
-        if self.noise == 0.0:
-            snr = SNR_CAP_DB
-        elif self.signal == 0.0:
-            snr = -SNR_CAP_DB
-        else:
-            snr = min(SNR_CAP_DB, 10.0 * math.log10(self.signal / self.noise))
+        snr = _snr(self.signal, self.noise)
         return {
             "cosine": float(np.mean(self.cosines)) if self.cosines else None,
             "snr_db": snr,
             "max_abs_error": self.max_abs_error,
             "mean_abs_error": self.abs_error / self.count if self.count else None,
             "clipped_share": self.clipped / self.count if quant is not None and self.count else None,
+            "grid_snr_db": _snr(self.signal, self.grid_noise) if quant is not None and self.count else None,
         }
+
+
+def expected_grid_noise(reference: np.ndarray, quant: Quant, outside: Optional[np.ndarray] = None) -> float:
+    """The squared error ``quant``'s grid should add to the fp32 values ``reference``, summed: the
+    rounding of a value inside the range is taken as uniform over one step (scale^2 / 12 each), a
+    value outside it loses its distance to the range's edge."""
+    r = np.asarray(reference, np.float64)
+    lo, hi = quant.range
+    if outside is None:
+        outside = (r < lo) | (r > hi)
+    clipped = r[outside]
+    clip_error = float(np.sum((clipped - np.clip(clipped, lo, hi)) ** 2))
+    return (r.size - clipped.size) * quant.scale ** 2 / 12.0 + clip_error
+
+
+def _snr(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return SNR_CAP_DB
+    if signal == 0.0:
+        return -SNR_CAP_DB
+    return min(SNR_CAP_DB, 10.0 * math.log10(signal / noise))
 
 
 def stream_of(module: str) -> Tuple[str, Optional[str]]:
@@ -205,6 +233,60 @@ def rank_layers(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return sorted(lost.values(), key=lambda e: -e["lost_db"])
 
 
+def beyond_grid(row: Dict[str, Any]) -> Optional[str]:
+    """Why ``row``'s SNR is more than its own int8 grid explains (None when the grid explains it). A
+    point without a grid of its own (a float layer's output, the residual, the CLS token, the
+    logits) adds no quantization there: nothing excuses a drop."""
+    if row.get("grid_snr_db") is None:
+        return "no int8 grid of its own"
+    if row["clipped_share"] is not None and row["clipped_share"] > CLIP_SHARE_MAX:
+        return f"its grid clips {100 * row['clipped_share']:.2f}% of the fp32 values (more than {100 * CLIP_SHARE_MAX:g}%)"
+    if row["snr_db"] < row["grid_snr_db"] - GRID_MARGIN_DB:
+        return f"{row['grid_snr_db'] - row['snr_db']:.1f} dB below what its grid allows (more than {GRID_MARGIN_DB:g} dB)"
+    return None
+
+
+def headline(rows: List[Dict[str, Any]]) -> Tuple[Optional[Dict[str, Any]], Dict[str, Any]]:
+    """(the first jump, the headline entry). The first jump is the first point that loses more than
+    JUMP_DB since the point before it (``add_drops``) and whose SNR its own grid does not explain
+    (``beyond_grid``). Without one, the headline names the worst point (the largest drop) and what
+    its grid allows."""
+    keys = ("key", "layer", "kind", "snr_db", "drop_db", "grid_snr_db", "clipped_share")
+    for row in rows:
+        if row.get("drop_db") is None or row["drop_db"] <= JUMP_DB:
+            continue
+        why = beyond_grid(row)
+        if why is not None:
+            jump = {k: row.get(k) for k in keys}
+            jump["why"] = why
+            text = (f"first jump: {row['key']} ({row['kind']}) loses {row['drop_db']:.1f} dB (SNR {row['snr_db']:.1f} dB): {why}")
+            return jump, {**jump, "jump": True, "text": text}
+    scored = [r for r in rows if r.get("drop_db") is not None]
+    if not scored:
+        return None, {"jump": False, "key": None, "text": "no jump: no point was compared"}
+    worst = max(scored, key=lambda r: r["drop_db"])
+    entry = {**{k: worst.get(k) for k in keys}, "jump": False}
+    if worst.get("grid_snr_db") is not None:
+        entry["text"] = (f"no jump: worst point {worst['key']}, within what its int8 grid allows (measured {worst['snr_db']:.1f} dB, "
+                         f"grid allows {worst['grid_snr_db']:.1f} dB)")
+    else:
+        entry["text"] = (f"no jump: worst point {worst['key']} loses {worst['drop_db']:.1f} dB (SNR {worst['snr_db']:.1f} dB), "
+                         f"no more than {JUMP_DB:g} dB at one point")
+    return None, entry
+
+
+def estimator_of(layer) -> Optional[str]:
+    """The estimator that chose ``layer``'s input range, when the plan records it (a plan written
+    before per-tensor selection does not: None)."""
+    for name in ("estimator", "calib_method", "method", "winner"):
+        value = getattr(layer, name, None)
+        if isinstance(value, dict):
+            value = value.get("estimator") or value.get("method")
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def suggest_float_layers(ranked: List[Dict[str, Any]]) -> List[str]:
     """The int8 layers worth returning to float: those where SNR jumps (> JUMP_DB), else the int8
     layers that lose the most (at least 1 dB), at most SUGGEST_MAX."""
@@ -228,6 +310,7 @@ def compare_bundle(runner, reference_model, images: np.ndarray, plan=None, conte
     points, layers = reference_points(reference_model, plan)
     precision = {l.name: l.precision for l in plan.layers} if plan is not None else {}
     plan_scale = {l.name: l.input_scale for l in plan.layers} if plan is not None else {}
+    estimator = {l.name: estimator_of(l) for l in plan.layers} if plan is not None else {}
     if device_values is None:
         probe = runner.probe(points, layers, context)
         located, source = probe.located, probe.source
@@ -277,10 +360,11 @@ def compare_bundle(runner, reference_model, images: np.ndarray, plan=None, conte
                                "quant": loc.quant.to_dict() if loc.quant else None, "note": loc.note}
         if p.kind == INT8_INPUT:
             row["plan_scale"] = plan_scale.get(p.layer)
+            row["estimator"] = estimator.get(p.layer)
         if loc.tensor is None or p.key in shape_notes:
             row["status"] = "missing"
             row["note"] = shape_notes.get(p.key, loc.note)
-            row.update(cosine=None, snr_db=None, max_abs_error=None, mean_abs_error=None, clipped_share=None)
+            row.update(cosine=None, snr_db=None, max_abs_error=None, mean_abs_error=None, clipped_share=None, grid_snr_db=None)
         else:
             row["status"] = "compared"
             row.update(stats[p.key].summary(loc.quant))
@@ -294,15 +378,18 @@ def compare_bundle(runner, reference_model, images: np.ndarray, plan=None, conte
     rows.append(final)
     add_drops(rows)
     ranked = rank_layers(rows)
-    jump = next((r for r in rows if r.get("drop_db") is not None and r["drop_db"] > JUMP_DB), None)
+    jump, head = headline(rows)
     report: Dict[str, Any] = {
         "runner": runner.description if runner is not None else source,
         "source": source,
         "images": int(len(images)),
         "jump_db": JUMP_DB,
+        "grid_margin_db": GRID_MARGIN_DB,
+        "clip_share_max": CLIP_SHARE_MAX,
+        "headline": head,
         "points": rows,
         "final": {k: final[k] for k in ("images", "top1_agreement", "cosine", "kl", "max_abs_diff", "snr_db")},
-        "first_jump": {k: jump[k] for k in ("key", "layer", "kind", "snr_db", "drop_db")} if jump else None,
+        "first_jump": jump,
         "layers_by_snr_lost": ranked[:10],
         "float_layers": suggest_float_layers(ranked),
         "missing_points": sum(1 for r in rows if r["status"] == "missing"),
@@ -322,10 +409,17 @@ def _num(v, spec="{:.2f}") -> str:
     return "-" if v is None else spec.format(v)
 
 
+def _plan_scale(row: Dict[str, Any]) -> str:
+    """The plan's scale, with the estimator that chose it where the plan records one."""
+    from .harness import md_text
+
+    text = _num(row.get("plan_scale"), "{:.4g}")
+    return f"{text} ({md_text(row['estimator'], 40)})" if row.get("estimator") and row.get("plan_scale") is not None else text
+
+
 def markdown_report(report: Dict[str, Any], header: Dict[str, Any], command: str) -> str:
     from .harness import md_text
 
-    jump = report["first_jump"]
     lines = [
         f"# crossvit_edge layer-wise comparison: {md_text(header['bundle'])} ({md_text(header['target'])}, {md_text(header['precision'])})",
         "",
@@ -338,11 +432,9 @@ def markdown_report(report: Dict[str, Any], header: Dict[str, Any], command: str
     ]
     if "probe_vs_artifact" in report:
         lines.append(f"- the intermediate values' own logits against the artifact's: cosine {report['probe_vs_artifact']['cosine']:.6f}")
-    if jump:
-        lines.append(f"- **first jump**: {md_text(jump['key'])} ({md_text(jump['kind'])}) loses {jump['drop_db']:.1f} dB (SNR {jump['snr_db']:.1f} dB), "
-                     f"more than {report['jump_db']:g} dB at one point")
-    else:
-        lines.append(f"- no point loses more than {report['jump_db']:g} dB on its own")
+    lines.append(f"- **{md_text(report['headline']['text'], 600)}**")
+    lines.append(f"  (a jump: more than {report['jump_db']:g} dB lost at one point, and more than {report['grid_margin_db']:g} dB below what "
+                 f"the point's own int8 grid allows or more than {100 * report['clip_share_max']:g}% clipped; docs/debugging.md)")
     if report["missing_points"]:
         lines.append(f"- {report['missing_points']} points could not be found in the artifact (see their notes)")
     lines += ["", "Layers that lose the most SNR (dB lost across the layer):", ""]
@@ -353,15 +445,16 @@ def markdown_report(report: Dict[str, Any], header: Dict[str, Any], command: str
                   f"{', '.join(md_text(n) for n in report['float_layers'])}), or let `--max-drop POINTS --eval-data DIR` choose."]
     lines += [
         "",
-        "| # | point | kind | precision | SNR dB | drop dB | cosine | max abs err | mean abs err | scale | plan scale | clipped | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| # | point | kind | precision | SNR dB | grid allows dB | drop dB | cosine | max abs err | mean abs err | scale | plan scale | clipped | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["points"]:
         q = r.get("quant") or {}
         lines.append("| " + " | ".join([
             str(r["depth"]), md_text(r["key"]), md_text(r["kind"]), md_text(r["precision"]), _num(r["snr_db"], "{:.1f}"),
-            _num(r.get("drop_db"), "{:.1f}"), _num(r["cosine"], "{:.5f}"), _num(r["max_abs_error"], "{:.3g}"), _num(r["mean_abs_error"], "{:.3g}"),
-            _num(q.get("scale"), "{:.4g}"), _num(r.get("plan_scale"), "{:.4g}"), _num(r["clipped_share"], "{:.2%}"), md_text(r.get("note") or "", 200),
+            _num(r.get("grid_snr_db"), "{:.1f}"), _num(r.get("drop_db"), "{:.1f}"), _num(r["cosine"], "{:.5f}"), _num(r["max_abs_error"], "{:.3g}"),
+            _num(r["mean_abs_error"], "{:.3g}"), _num(q.get("scale"), "{:.4g}"), _plan_scale(r), _num(r["clipped_share"], "{:.2%}"),
+            md_text(r.get("note") or "", 200),
         ]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -62,6 +62,8 @@ def test_failed_check_warns_and_is_recorded(clipped_int8):
     assert summary["check"] == "FAILED" and summary["cosine"] < CHECK_THRESHOLDS["int8"]["cosine"]
     check = json.loads((out / "manifest.json").read_text())["accuracy_check"]
     assert check["passed"] is False and check["warnings"] and check["thresholds"]["cosine"] == 0.98
+    # the continuous measures are recorded too: a clipped int8 build is far below a healthy one's ~30-40 dB
+    assert check["snr_db"] < 20 and check["kl"] > 0 and summary["snr_db"] == check["snr_db"]
     assert json.loads((out / "accuracy_check.json").read_text())["passed"] is False
 
 

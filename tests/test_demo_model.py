@@ -50,3 +50,25 @@ def test_demo_model_int8_plan_accuracy(demo_checkpoint, digits_dir):
     agree = float((int8.argmax(1) == fp32.argmax(1)).mean())
     assert top1(fp32) - top1(int8) <= 1 / 120 + 1e-9 and agree >= 1 - 1 / 120 - 1e-9, (top1(fp32), top1(int8), agree)
     assert not np.allclose(int8, fp32, atol=1e-4)  # it is really quantized
+
+
+def test_demo_measures_every_image_outside_the_calibration_sample(digits_dir, tmp_path):
+    """The demo's measurement folder: the val split plus the train images the 256-image
+    calibration sample does not hold, each once, none of the sample."""
+    from crossvit_edge.data import open_image_set
+    from crossvit_edge.demo import write_heldout_imagefolder
+    from crossvit_edge.spec import CalibrationSettings
+
+    settings = CalibrationSettings(data=digits_dir / "train", samples=256)
+    train, val = open_image_set(digits_dir / "train"), open_image_set(digits_dir / "val")
+    sample = train.sample(settings.samples, seed=settings.seed)
+    out = write_heldout_imagefolder(digits_dir / "train", digits_dir / "val", sample.paths, tmp_path / "heldout")
+    heldout = open_image_set(out)
+    names = {p.name for p in heldout.paths}
+    assert len(heldout) == len(names) == len(train) + len(val) - 256 == 1797 - 256
+    assert not names & {p.name for p in sample.paths} and {p.name for p in val.paths} <= names
+    assert heldout.classes == train.classes
+    # labels follow the class folders
+    assert all(heldout.classes[y] == p.parent.name for p, y in zip(heldout.paths, heldout.labels))
+    write_heldout_imagefolder(digits_dir / "train", digits_dir / "val", sample.paths, out)  # rebuilt in place
+    assert len(open_image_set(out)) == 1797 - 256

@@ -92,6 +92,9 @@ def test_metrics_against_hand_computed_values():
     p = np.exp(ref[1]) / np.exp(ref[1]).sum()
     q = np.exp(got[1]) / np.exp(got[1]).sum()
     assert m["kl"] == pytest.approx(np.sum(p * np.log(p / q)) / 2)
+    # logit SNR over every logit: signal 4+1+0+0+9+1 = 15, noise 0+0+0+1+9+4 = 14
+    assert m["snr_db"] == pytest.approx(10 * np.log10(15 / 14))
+    assert compare_logits(ref, ref)["snr_db"] == 200.0
     lat = latency_summary([0.010, 0.020, 0.030, 0.040], batch_size=2)
     assert lat["p50_ms"] == pytest.approx(25.0) and lat["throughput_ips"] == pytest.approx(80.0)
 
@@ -108,11 +111,15 @@ def test_profile_cli_reports_json_markdown_and_plot(tmp_path, micro_checkpoint, 
     assert set(rows) == {"fp32 reference", "b"}
     acc = rows["b"]["accuracy"]
     assert acc["images"] == 20 and acc["top1_agreement"] == 1.0 and acc["max_abs_diff"] < 1e-4
+    # the fp32 ONNX export against PyTorch: float rounding only, far above any int8 artifact's SNR
+    assert acc["snr_db"] > 80 and 0 <= acc["kl"] < 1e-8
     assert acc["top1"] == rows["fp32 reference"]["accuracy"]["top1"]
     lat = rows["b"]["latency"]
     assert lat["runs"] == 3 and lat["p50_ms"] > 0 and lat["p99_ms"] >= lat["p50_ms"]
     assert rows["b"]["size_bytes"] > 1e6
-    assert "| b | onnx | fp32 |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| b | onnx | fp32 |" in md and "| SNR dB | KL |" in md
+    assert f"| {acc['snr_db']:.1f} | {acc['kl']:.2e} |" in md
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     bad = run_cli("crossvit_edge.profile", tmp_path / "nothing", "--data", digits_dir / "val", "--output", out)
     assert bad.returncode == 2 and "not a bundle" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
