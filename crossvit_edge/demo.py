@@ -6,7 +6,7 @@
    fp32/int8, Core ML fp16/int8-weights/W8A8), calibrating on the train split;
 4. profile every bundle against the fp32 model on every digits image not used for calibration (the
    val split and the train images outside the calibration sample, ``heldout/``): report.json,
-   report.md, report.png. The post-conversion checks score the same images.
+   report.md, report.png. The post-conversion checks score 100 of the same images.
 """
 from __future__ import annotations
 
@@ -60,13 +60,20 @@ def evaluate_checkpoint(checkpoint: str, val_dir: Path) -> float:
     return float((logits.argmax(1) == np.asarray(images.labels)).mean())
 
 
+# The post-conversion check of each build is a gate (its bounds resolve a broken artifact on 100
+# images); the measurements are the profile's, on every held-out image. Scoring all 1541 images in
+# every build's check as well took 397 s for the ONNX fp32 build alone on 2 loaded cores.
+CHECK_IMAGES = 100
+
+
 def check_samples(target: str, heldout: int, checker_samples: int) -> int:
-    """Images for a build's post-conversion check: every held-out image, except where the runner
-    here is the numpy Core ML checker (off macOS, ~1.5 s an image): ``--checker-samples`` of them,
+    """Images for a build's post-conversion check: ``CHECK_IMAGES`` held-out images, fewer where the
+    runner here is the numpy Core ML checker (off macOS, ~1.5 s an image): ``--checker-samples``,
     as the profile scores it."""
+    count = min(CHECK_IMAGES, heldout)
     if target == "coreml" and sys.platform != "darwin" and checker_samples:
-        return min(checker_samples, heldout)
-    return heldout
+        return min(checker_samples, count)
+    return count
 
 
 def write_heldout_imagefolder(train_dir: Path, val_dir: Path, calibration_paths, out_dir: Path) -> Path:
