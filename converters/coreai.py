@@ -543,10 +543,12 @@ def ir_text(asset_path: Path) -> str:
     return str(module.operation.get_asm(enable_debug_info=True, large_elements_limit=16, large_resource_limit=16))
 
 
-def coreai_graph_ops(text: str) -> Tuple[List[Any], Dict[str, int]]:
+def coreai_graph_ops(text: str) -> Tuple[List[Any], Dict[str, Tuple[Optional[int], Optional[Tuple[int, ...]]]]]:
     """``probe.GraphOp`` records of the ``main`` graph of Core AI IR text (``ir_text``), and each
-    value's coreai operation id (the id coreai-torch put in its location, which the ODIX lowering's
-    debug info maps its ops back to). Weighted ops: ``broadcasting_batch_matmul`` whose second
+    value's (coreai operation id, shape): the id is the one coreai-torch put in the value's location,
+    which the ODIX lowering's debug info maps its ops back to; None where the location has none or
+    shares it with another value (the int8 asset has ids on several ops: a bias add and the resize
+    matmul carried one id, and the runtime's values for it were the resize's). Weighted ops: ``broadcasting_batch_matmul`` whose second
     operand is a constant (through transpose / cast / the int8 weight expansion) and ``conv2d``
     with a constant weight, weight shapes in PyTorch layout; adds of a constant and quantize /
     dequantize as epilogues (a dequantize with its scalar scale as grid), adds of two activations."""
@@ -623,7 +625,11 @@ def coreai_graph_ops(text: str) -> Tuple[List[Any], Dict[str, int]]:
             if dtype in INTEGER_RANGES and scale is not None:
                 g.quant = Quant(scale, 0, *INTEGER_RANGES[dtype])
         ops.append(g)
-    return ops, {r: i for r, i in ids.items() if i is not None}
+    uses: Dict[int, int] = {}
+    for i in ids.values():
+        if i is not None:
+            uses[i] = uses.get(i, 0) + 1
+    return ops, {r: (i if i is not None and uses[i] == 1 else None, shape.get(r)) for r, i in ids.items()}
 
 
 def odix_outputs(debug_infos: bytes) -> Dict[Tuple[int, int], List[Tuple[int, int]]]:
@@ -652,7 +658,7 @@ class CoreAIProbe:
     ``IntermediateLogger`` on the ODIX ops that write the located IR values: the runtime's own
     values. A value several ODIX ops write is taken from the last write in the run."""
 
-    def __init__(self, runner: "CoreAIRunner", asset_path: Path, located, value_ids: Dict[str, int]):
+    def __init__(self, runner: "CoreAIRunner", asset_path: Path, located, values: Dict[str, Tuple[Optional[int], Any]]):
         from .probe import Located
 
         rt = runner._rt
@@ -671,13 +677,18 @@ class CoreAIProbe:
                 self.located[key] = loc
                 continue
             value = loc.tensor
-            found = writers.get((value_ids.get(value, -1), int(value.partition("#")[2] or 0)), [])
+            op_id, _ = values.get(value, (None, None))
+            if op_id is None:
+                self.located[key] = Located(None, note=f"IR value {value} has no operation id of its own (none, or shared with another op)")
+                continue
+            found = writers.get((op_id, int(value.partition("#")[2] or 0)), [])
             if not found:
                 self.located[key] = Located(None, note=f"no ODIX op of the lowered program writes IR value {value} (fused away)")
                 continue
             self.located[key] = loc
             for odix, output in found:
                 self._targets.setdefault(odix, []).append((value, output))
+        self._shapes = {v: values[v][1] for targets in self._targets.values() for v, _ in targets}
         self._events: List[Tuple[int, Any]] = []
         self._logger = rt.IntermediateLogger(requested_intermediates=[rt.CompileIdentifiers(i) for i in self._targets],
                                              callback=self._record)
@@ -690,6 +701,8 @@ class CoreAIProbe:
             self._events.append((int(ids.id), [None if a is None else self._runner._rt.NDArray._wrap(a).numpy().copy() for a in arrays]))
 
     def run(self, images: np.ndarray):
+        from .probe import Located
+
         rt = self._runner._rt
         rows: List[Dict[str, np.ndarray]] = []
         logits = []
@@ -700,10 +713,15 @@ class CoreAIProbe:
             last: Dict[str, np.ndarray] = {}
             for odix, arrays in self._events:  # in execution order: the last write of a value wins
                 for value, output in self._targets.get(odix, []):
-                    if output < len(arrays) and arrays[output] is not None:
-                        last[value] = arrays[output]
+                    a = arrays[output] if output < len(arrays) else None
+                    if a is not None and tuple(a.shape) == self._shapes[value]:  # a write of another shape is not this value
+                        last[value] = a
             rows.append({key: last[loc.tensor] for key, loc in self.located.items() if loc.tensor in last})
         values = {key: np.concatenate([np.asarray(r[key], np.float32) for r in rows]) for key in rows[0] if all(key in r for r in rows)}
+        for key, loc in self.located.items():
+            if loc.tensor is not None and key not in values:
+                self.located[key] = Located(None, note=f"the runtime's logger delivered no write of IR value {loc.tensor} "
+                                                       f"shaped {list(self._shapes[loc.tensor] or [])}")
         values["logits"] = np.concatenate(logits)  # this lowering's own logits: what the logger run computed
         return values, None
 
