@@ -482,6 +482,25 @@ class CoreAIRunner(Runner):
         out = self._loop.run_until_complete(self._fn({INPUT_NAME: self._rt.NDArray(images)}))
         return np.array(out[OUTPUT_NAME].numpy(), dtype=np.float32)
 
+    def probe(self, points, layers, context=None):
+        """The runtime's own intermediate values (``coreai.runtime.IntermediateLogger``) at the
+        points, located in the asset's IR (``coreai_graph_ops``) and found in the ODIX program through
+        the lowering's debug info; batch 1 per run, as the runtime's logger reports one execution."""
+        from .probe import locate
+
+        if self._os_framework:
+            raise UserError(f"{self.description}: the layer-wise probe lowers the asset itself (coreai-core's Linux path); "
+                            "the OS framework's specialized program has no debug info mapping here")
+        asset = Path(self._tmp) / "model.aimodel"  # the verified private copy the runner loaded
+        try:
+            ops, value_ids = coreai_graph_ops(ir_text(asset))
+            located = locate(points, layers, ops)
+            return CoreAIProbe(self, asset, located, value_ids)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{self.artifact_path.name}: cannot probe the Core AI asset ({brief(str(e), 160)})") from None
+
     def close(self) -> None:
         if self._cm is not None:
             try:
@@ -491,3 +510,221 @@ class CoreAIRunner(Runner):
         if not self._loop.is_closed():
             self._loop.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer-wise comparison (crossvit_edge.layerwise): the IR as the point matcher sees it, and the
+# runtime's IntermediateLogger at the ODIX ops lowered from the located IR values
+
+_IR_OP = re.compile(r"^\s*(%[\w]+)(?::(\d+))? = ([\w.]+)(.*?)\s+loc\((#[\w]+)\)\s*$")
+_IR_LOC = re.compile(r"^(#loc\d+) = (.*)$")
+_IR_OP_ID = re.compile(r'^(#metadata\d+) = #debuginfo\.metadata<"op_id": \{type = "coreai", value = (\d+) : ui64\}>$')
+_IR_TENSOR = re.compile(r"tensor<([0-9x]*?)x?([a-z]+\d*)>")
+_IR_SCALAR = re.compile(r"^ dense<(-?[0-9.e+-]+)> : tensor<(?:1x)*(f16|f32)>$")
+_IR_WEIGHT_PATH = ("coreai.transpose", "coreai.cast", "coreai.constexpr_blockwise_shift_scale")
+
+
+def _ir_shape(text: str) -> Optional[Tuple[int, ...]]:
+    found = _IR_TENSOR.findall(text)
+    if not found:
+        return None
+    dims = found[-1][0]
+    return tuple(int(d) for d in dims.split("x") if d) if dims else ()
+
+
+def ir_text(asset_path: Path) -> str:
+    """The asset's program as MLIR text with its debug locations (large constants elided)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from coreai.authoring.asset import AIModelAsset, Context, load_module_from_bytecode
+
+    asset = AIModelAsset.load(Path(asset_path))
+    module = load_module_from_bytecode(context=Context()._mlir_context, path=asset._model_asset._program_bytecode_path)
+    return str(module.operation.get_asm(enable_debug_info=True, large_elements_limit=16, large_resource_limit=16))
+
+
+def coreai_graph_ops(text: str) -> Tuple[List[Any], Dict[str, Tuple[Optional[int], Optional[Tuple[int, ...]]]]]:
+    """``probe.GraphOp`` records of the ``main`` graph of Core AI IR text (``ir_text``), and each
+    value's (coreai operation id, shape): the id is the one coreai-torch put in the value's location,
+    which the ODIX lowering's debug info maps its ops back to; None where the location has none or
+    shares it with another value (the int8 asset has ids on several ops: a bias add and the resize
+    matmul carried one id, and the runtime's values for it were the resize's). Weighted ops: ``broadcasting_batch_matmul`` whose second
+    operand is a constant (through transpose / cast / the int8 weight expansion) and ``conv2d``
+    with a constant weight, weight shapes in PyTorch layout; adds of a constant and quantize /
+    dequantize as epilogues (a dequantize with its scalar scale as grid), adds of two activations."""
+    from .probe import INTEGER_RANGES, GraphOp, Quant
+
+    lines = text.splitlines()
+    loc_meta = {m.group(1): m.group(2) for m in map(_IR_LOC.match, lines) if m}
+    op_ids = {m.group(1): int(m.group(2)) for m in map(_IR_OP_ID.match, lines) if m}
+
+    def op_id(loc: str) -> Optional[int]:
+        body = loc_meta.get(loc, "")
+        own = re.findall(r"metadata = \[([^\]]*)\]>$", body)  # the location's own metadata, after any fused ones
+        ids = [op_ids[m.strip()] for m in own[-1].split(",") if m.strip() in op_ids] if own else []
+        return ids[0] if ids else None
+
+    start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("coreai.graph @main(")), None)
+    if start is None:
+        raise UserError("the Core AI program has no main graph to probe")
+    records = []  # (results, op name, operands, rest of the line, loc)
+    for line in lines[start + 1:]:
+        if line.strip() == "}":
+            break
+        m = _IR_OP.match(line)
+        if m is None:
+            continue
+        name, count, kind, rest, loc = m.groups()
+        results = [f"{name}#{i}" for i in range(int(count))] if count else [name]
+        operands = re.findall(r"%[\w]+(?:#\d+)?", rest.split(" : ")[0])
+        records.append((results, kind, operands, rest, loc))
+
+    shape, const, kind_of, ids, scalars = {}, set(), {}, {}, {}
+    for results, kind, operands, rest, loc in records:
+        for r in results:
+            shape[r], kind_of[r], ids[r] = _ir_shape(rest), kind, op_id(loc)
+        if kind == "coreai.constant" or (operands and all(o in const for o in operands)):
+            const.update(results)
+            s = _IR_SCALAR.match(rest)
+            if kind == "coreai.constant" and s:
+                scalars[results[0]] = float(s.group(1))
+    producer = {r: rec for rec in records for r in rec[0]}
+
+    def weight_shape(value: str) -> Optional[Tuple[int, ...]]:
+        """The PyTorch-layout shape of the constant behind a matmul's second operand."""
+        transposed = False
+        while value in producer and kind_of[value] in _IR_WEIGHT_PATH:
+            transposed ^= kind_of[value] == "coreai.transpose"
+            value = producer[value][2][0]
+        s = shape.get(value)
+        if value not in const or s is None or len(s) != 2:
+            return None
+        return s if transposed else s[::-1]  # a matmul's [in, out] constant is nn.Linear's [out, in] transposed
+
+    ops = []
+    for results, kind, operands, rest, loc in records:
+        if results[0] in const:
+            continue
+        acts = tuple(o for o in operands if o not in const)
+        g = GraphOp("other", acts, results[0], results[0])
+        if kind == "coreai.decomposable.broadcasting_batch_matmul" and len(operands) == 2 and operands[0] not in const:
+            w = weight_shape(operands[1]) if operands[1] in const else None
+            if w is not None:
+                g.kind, g.weight_shape = "layer", w
+        elif kind in ("coreai.conv2d", "coreai.conv") and len(operands) > 1 and operands[0] not in const and operands[1] in const:
+            g.kind, g.weight_shape = "layer", shape.get(operands[1])
+        elif kind == "coreai.decomposable.broadcasting_add":
+            g.kind = "add" if len(acts) == 2 else "epilogue"
+        elif kind == "coreai.quantize" and len(acts) == 1:
+            g.kind = "epilogue"
+        elif kind == "coreai.dequantize" and len(acts) == 1:
+            g.kind = "epilogue"
+            data = _IR_TENSOR.findall(rest.split(" : ")[-1])
+            dtype = {"si8": "int8", "i8": "int8", "ui8": "uint8"}.get(data[0][1]) if data else None
+            scale = next((scalars[o] for o in operands if o in scalars), None)
+            if dtype in INTEGER_RANGES and scale is not None:
+                g.quant = Quant(scale, 0, *INTEGER_RANGES[dtype])
+        ops.append(g)
+    uses: Dict[int, int] = {}
+    for i in ids.values():
+        if i is not None:
+            uses[i] = uses.get(i, 0) + 1
+    return ops, {r: (i if i is not None and uses[i] == 1 else None, shape.get(r)) for r, i in ids.items()}
+
+
+def odix_outputs(debug_infos: bytes) -> Dict[Tuple[int, int], List[Tuple[int, int]]]:
+    """(coreai op id, output index) -> the ODIX ops (id, output index) that write that value, from
+    the runtime's debug infos of a program lowered with ``enable_debug_info``."""
+    import json
+
+    out: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
+    for table in json.loads(debug_infos):
+        for op in table.get("operations", []):
+            for meta in op.get("metadatas", []):
+                if meta.get("key") != "output_maps":
+                    continue
+                for entry in meta["value"]["array"]["_0"]:
+                    e = entry["dictionary"]["_0"]
+                    source, target = e["source"]["dictionary"]["_0"], e["target"]["dictionary"]["_0"]
+                    if source["level"]["string"]["_0"] != "coreai":
+                        continue
+                    key = (int(source["id"]["integer"]["_0"]), int(source["output"]["integer"]["_0"]))
+                    out.setdefault(key, []).append((int(op["odixId"]), int(target["output"]["integer"]["_0"])))
+    return out
+
+
+class CoreAIProbe:
+    """The asset lowered again with debug info, run by coreai-core's runtime with an
+    ``IntermediateLogger`` on the ODIX ops that write the located IR values: the runtime's own
+    values. A value several ODIX ops write is taken from the last write in the run."""
+
+    def __init__(self, runner: "CoreAIRunner", asset_path: Path, located, values: Dict[str, Tuple[Optional[int], Any]]):
+        from .probe import Located
+
+        rt = runner._rt
+        self._runner = runner
+        self._dir = Path(tempfile.mkdtemp(prefix="crossvit_coreai_probe_", suffix=".aimodelx"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from coreai.authoring.asset import AIModelAsset
+        AIModelAsset.load(asset_path)._write_odix(self._dir, enable_debug_info=True)
+        self._model = runner._loop.run_until_complete(rt.AIModel.load(path=str(self._dir), specialization_options=None))
+        writers = odix_outputs(self._model._debug_infos)
+        self._targets: Dict[int, List[Tuple[str, int]]] = {}  # odix id -> (IR value, output index)
+        self.located = {}
+        for key, loc in located.items():
+            if loc.tensor is None:
+                self.located[key] = loc
+                continue
+            value = loc.tensor
+            op_id, _ = values.get(value, (None, None))
+            if op_id is None:
+                self.located[key] = Located(None, note=f"IR value {value} has no operation id of its own (none, or shared with another op)")
+                continue
+            found = writers.get((op_id, int(value.partition("#")[2] or 0)), [])
+            if not found:
+                self.located[key] = Located(None, note=f"no ODIX op of the lowered program writes IR value {value} (fused away)")
+                continue
+            self.located[key] = loc
+            for odix, output in found:
+                self._targets.setdefault(odix, []).append((value, output))
+        self._shapes = {v: values[v][1] for targets in self._targets.values() for v, _ in targets}
+        self._events: List[Tuple[int, Any]] = []
+        self._logger = rt.IntermediateLogger(requested_intermediates=[rt.CompileIdentifiers(i) for i in self._targets],
+                                             callback=self._record)
+        self._fn = self._model.load_function(FUNCTION, intermediate_logger=self._logger)
+        self.source = (f"{runner.description}: IntermediateLogger on {len(self._targets)} ODIX ops of the asset lowered "
+                       "again with debug info (ops mapped to IR values by the lowering's output maps)")
+
+    def _record(self, arrays, kind, ids) -> None:
+        if kind == "output":
+            self._events.append((int(ids.id), [None if a is None else self._runner._rt.NDArray._wrap(a).numpy().copy() for a in arrays]))
+
+    def run(self, images: np.ndarray):
+        from .probe import Located
+
+        rt = self._runner._rt
+        rows: List[Dict[str, np.ndarray]] = []
+        logits = []
+        for image in np.ascontiguousarray(images, dtype=np.float32):
+            self._events = []
+            out = self._runner._loop.run_until_complete(self._fn({INPUT_NAME: rt.NDArray(image[None])}))
+            logits.append(np.array(out[OUTPUT_NAME].numpy(), dtype=np.float32))
+            last: Dict[str, np.ndarray] = {}
+            for odix, arrays in self._events:  # in execution order: the last write of a value wins
+                for value, output in self._targets.get(odix, []):
+                    a = arrays[output] if output < len(arrays) else None
+                    if a is not None and tuple(a.shape) == self._shapes[value]:  # a write of another shape is not this value
+                        last[value] = a
+            rows.append({key: last[loc.tensor] for key, loc in self.located.items() if loc.tensor in last})
+        values = {key: np.concatenate([np.asarray(r[key], np.float32) for r in rows]) for key in rows[0] if all(key in r for r in rows)}
+        for key, loc in self.located.items():
+            if loc.tensor is not None and key not in values:
+                self.located[key] = Located(None, note=f"the runtime's logger delivered no write of IR value {loc.tensor} "
+                                                       f"shaped {list(self._shapes[loc.tensor] or [])}")
+        values["logits"] = np.concatenate(logits)  # this lowering's own logits: what the logger run computed
+        return values, None
+
+    def close(self) -> None:
+        self._fn = self._model = self._logger = None
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -194,3 +194,31 @@ def test_truncated_or_corrupted_asset(tmp_path, fp16, digits_dir, damage):
         expect = "does not match main.hash"
     _resign(bundle)
     _classify_fails(bundle, digits_dir, expect)
+
+
+def test_layerwise_probe_shows_the_runtimes_intermediate_values(int8, images, micro_checkpoint):
+    """``debug`` on a Core AI bundle: coreai-core's IntermediateLogger values at the plan's points
+    (one image: the Linux runtime is slow) equal the fp32 model's within int8 tolerances; points
+    the ODIX lowering fused or whose IR id is ambiguous are reported missing with a reason."""
+    from crossvit_edge.calibration.plan import QuantPlan
+    from crossvit_edge.layerwise import compare_bundle
+
+    bundle = open_bundle(int8)
+    model = load_checkpoint(str(micro_checkpoint)).model
+    plan = QuantPlan.from_dict(bundle.manifest["quantization_plan"])
+    runner = bundle.runner()
+    try:
+        report = compare_bundle(runner, model, images[:1], plan)
+    finally:
+        runner.close()
+    assert "IntermediateLogger" in report["source"]
+    rows = [r for r in report["points"] if r["kind"] != "logits"]
+    compared = [r for r in rows if r["status"] == "compared"]
+    int8_outputs = [r for r in compared if r["precision"] == "int8" and r["side"] == "output"]
+    assert len(compared) >= 15 and len(int8_outputs) >= 8, [(r["key"], r["note"]) for r in rows]
+    for r in compared:  # W8A8 micro asset against fp32: measured >= 0.9997 on every compared point
+        assert r["cosine"] > 0.998, (r["key"], r["cosine"])
+    for r in rows:
+        if r["status"] != "compared":
+            assert r["note"], r["key"]
+    assert report["probe_vs_artifact"]["cosine"] > 0.99999  # the logger run computes what the runner computes
