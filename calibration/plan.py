@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from torch import nn
 
@@ -104,6 +104,9 @@ class LayerPlan:
     reason: str
     input_amax: Optional[float] = None  # calibrated |x| clipping value (int8 layers)
     sensitivity: Optional[float] = None  # measured cost of quantizing this layer alone
+    # where input_amax comes from: None = calibrated; IMAGE_BOUNDS = the exact range of the
+    # normalised image (image_input_amax), never calibrated
+    input_range: Optional[str] = None
 
     @property
     def input_scale(self) -> Optional[float]:
@@ -112,6 +115,8 @@ class LayerPlan:
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["input_scale"] = self.input_scale
+        if d["input_range"] is None:  # absent when calibrated: earlier plans stay as they were
+            del d["input_range"]
         return d
 
 
@@ -204,7 +209,7 @@ class QuantPlan:
         layers = [
             LayerPlan(
                 name=l["name"], kind=l["kind"], precision=l["precision"], reason=l["reason"],
-                input_amax=l.get("input_amax"), sensitivity=l.get("sensitivity"),
+                input_amax=l.get("input_amax"), sensitivity=l.get("sensitivity"), input_range=l.get("input_range"),
             )
             for l in d["layers"]
         ]
@@ -214,16 +219,90 @@ class QuantPlan:
         return cls(d["model"], layers, d.get("calibration", {}), d.get("smoothing"), d.get("mixed_precision"), tensors)
 
 
+IMAGE_BOUNDS = "preprocessing bounds"
+
+
+def image_channel_bounds(mean: Sequence[float], std: Sequence[float]) -> List[tuple]:
+    """Per channel (low, high) of the normalised image ``(pixel - mean) / std``, pixels in [0, 1]."""
+    return [((0.0 - m) / s, (1.0 - m) / s) for m, s in zip(mean, std)]
+
+
+def image_input_amax(bounds: Sequence[tuple], resize: Optional[Any] = None) -> float:
+    """The |x| that covers every value a layer fed the image can see: max |bound| over channels
+    (one per-tensor symmetric range), or, with ``resize`` (the (out, in) matrix A of the separable
+    map ``A @ x @ A^T``, the bicubic 240 -> 224 of branch 1), the exact extremes of that map over
+    the box: an output is sum_kl A_ik A_jl x_kl, largest with x at ``high`` where the weight is
+    positive and at ``low`` where negative. Bicubic overshoots (negative taps), so the resized
+    image's range is slightly wider than the image's."""
+    if resize is None:
+        return float(max(max(abs(lo), abs(hi)) for lo, hi in bounds))
+    import numpy as np
+
+    a = np.asarray(resize, dtype=np.float64)
+    p, n = np.clip(a, 0, None).sum(1), np.clip(a, None, 0).sum(1)  # per output row: positive / negative tap sums
+    pos = np.outer(p, p) + np.outer(n, n)  # sum of the positive products A_ik A_jl
+    neg = np.outer(p, n) + np.outer(n, p)  # sum of the negative ones
+    amax = 0.0
+    for lo, hi in bounds:
+        amax = max(amax, float(np.max(np.abs(pos * hi + neg * lo))), float(np.max(np.abs(pos * lo + neg * hi))))
+    return amax
+
+
+# float32 preprocessing may land a few ulps beyond the float64 bound: the range covers that much more
+IMAGE_BOUND_MARGIN = 1e-6
+
+
+def covering_amax(amax: float) -> float:
+    """``amax`` widened by IMAGE_BOUND_MARGIN and rounded so that the float32 scale every target
+    stores (amax / 127) has a grid whose top, 127 * scale, still holds it: the bound, exact to
+    float32 rounding, never a level short."""
+    import numpy as np
+
+    need = float(amax) * (1 + IMAGE_BOUND_MARGIN)
+    scale = np.float32(need / 127.0)
+    while float(scale) * 127.0 < need:
+        scale = np.nextafter(scale, np.float32(np.inf))
+    return float(scale) * 127.0
+
+
+def image_fed_layers(model: nn.Module) -> Dict[str, int]:
+    """layer name -> branch of the weighted layers that read the image directly: the first conv of
+    each patch embedding (branch 1 reads it through the bicubic resize)."""
+    out: Dict[str, int] = {}
+    for name, _ in weighted_layers(model):
+        m = re.match(r"^patch_embed\.(\d+)\.", name)
+        if m and int(m.group(1)) not in out.values():
+            out[name] = int(m.group(1))
+    return out
+
+
+def image_input_ranges(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> Dict[str, float]:
+    """layer name -> exact |x| range of its input (``covering_amax``), for the layers fed the image
+    (image_fed_layers)."""
+    bounds = image_channel_bounds(mean, std)
+    resize = getattr(model, "resize_matrix", None)
+    out = {}
+    for name, branch in image_fed_layers(model).items():
+        r = None if branch == 0 or resize is None else resize.detach().cpu().numpy()
+        out[name] = covering_amax(image_input_amax(bounds, r))
+    return out
+
+
 def build_plan(model: nn.Module, model_name: str, amax: Dict[str, float], calibration: Dict[str, Any],
-               attention: bool = False) -> QuantPlan:
+               attention: bool = False, fixed_amax: Optional[Dict[str, float]] = None) -> QuantPlan:
     """Every Linear/Conv2d of ``model`` with its precision; int8 layers take their clipping value
-    from ``amax`` (layer name -> calibrated |x| range). ``attention``: the self-attention matmul
-    operands too (``amax`` then holds the calibrated points, ``attention_point_names``)."""
+    from ``amax`` (layer name -> calibrated |x| range), or from ``fixed_amax`` where it names them
+    (the layers fed the image: their exact range, ``image_input_ranges``; never calibrated).
+    ``attention``: the self-attention matmul operands too (``amax`` then holds the calibrated
+    points, ``attention_point_names``)."""
+    fixed_amax = fixed_amax or {}
     layers = []
     for name, module in weighted_layers(model):
         quantize, reason = classify_layer(name)
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
-        if quantize:
+        if quantize and name in fixed_amax:
+            layers.append(LayerPlan(name, kind, "int8", reason, input_amax=float(fixed_amax[name]), input_range=IMAGE_BOUNDS))
+        elif quantize:
             if name not in amax:
                 raise KeyError(f"no calibration statistics for layer {name}")
             layers.append(LayerPlan(name, kind, "int8", reason, input_amax=float(amax[name])))

@@ -247,9 +247,11 @@ def unfuse_relus(model) -> List[str]:
     return names
 
 
-def calibrate_w8a8(model, int8_layers: Sequence[str], batches, example, input_transform=None):
+def calibrate_w8a8(model, int8_layers: Sequence[str], batches, example, input_transform=None, fixed_input_amax=None):
     """LinearQuantizer (W8A8) on ``model`` with only ``int8_layers`` quantized, calibrated on
-    ``batches`` (numpy NCHW); returns (finalized FX model, per-layer input quantization, images)."""
+    ``batches`` (numpy NCHW); returns (finalized FX model, per-layer input quantization, images).
+    ``fixed_input_amax`` (layer -> |x|): layers whose input range is known (the image's, never
+    calibrated): their observers are set to it after calibration (``fix_input_observers``)."""
     import torch
     from coremltools.optimize.torch.quantization import LinearQuantizer, LinearQuantizerConfig, ModuleLinearQuantizerConfig
 
@@ -283,12 +285,46 @@ def calibrate_w8a8(model, int8_layers: Sequence[str], batches, example, input_tr
                 images += len(x)
         if images == 0:
             raise UserError("coreml int8: no calibration images")
+        fix_input_observers(prepared, int8_layers, fixed_input_amax or {})
         finalized = quantizer.finalize(inplace=False)
     quantized = _input_quantization(finalized, int8_layers)
     missing = sorted(set(int8_layers) - set(quantized))
     if missing:
         raise UserError(f"coreml int8: LinearQuantizer did not quantize the inputs of {len(missing)} plan layers (first: {missing[0]})")
     return finalized, quantized, images
+
+
+def fix_input_observers(prepared, int8_layers: Sequence[str], fixed_input_amax: Dict[str, float]) -> None:
+    """Set the min/max observer feeding each layer of ``fixed_input_amax`` to its known range, so
+    that finalize gives the plan's grid: symmetric quint8 has scale max|x| / 127.5 and zero point
+    128, levels [-128, 127] * scale around 0, which would cut the top half step off; observing
+    +-amax * 127.5 / 127 gives scale amax / 127 (the plan's), whose grid holds [-amax, amax]."""
+    import torch
+
+    fixed = dict(fixed_input_amax)
+    for node in prepared.graph.nodes:
+        if node.op != "call_module":
+            continue
+        layer = _layer_of(str(node.target), int8_layers)
+        if layer not in fixed or not node.args or getattr(node.args[0], "op", None) != "call_module":
+            continue
+        fake_quant = prepared.get_submodule(node.args[0].target)
+        observer = getattr(fake_quant, "activation_post_process", None)
+        if observer is None or not hasattr(observer, "min_val"):
+            continue
+        amax = fixed.pop(layer)
+        bound = torch.tensor(amax * 127.5 / 127.0, dtype=torch.float32)
+        while True:  # float32 division may land a level short: widen by ulps until 127 * scale >= amax
+            observer.min_val.copy_(-bound)
+            observer.max_val.copy_(bound)
+            scale, zero_point = observer.calculate_qparams()
+            if float(scale.reshape(-1)[0]) * 127.0 >= amax:
+                break
+            bound = torch.nextafter(bound, torch.tensor(float("inf")))
+        fake_quant.scale.copy_(scale)
+        fake_quant.zero_point.copy_(zero_point)
+    if fixed:
+        raise UserError(f"coreml int8: no input observer found for {sorted(fixed)[0]} (its range is fixed by the preprocessing)")
 
 
 def _input_quantization(gm, int8_layers: Sequence[str]) -> Dict[str, Dict[str, float]]:
@@ -488,7 +524,15 @@ class CoreMLConverter(Converter):
             if not layers:
                 raise UserError("the quantization plan has no int8 layers: nothing to quantize for --precision int8")
             log.info("W8A8: calibrating %d plan layers with LinearQuantizer", len(layers))
-            finalized, quantized, images = calibrate_w8a8(model, layers, ctx.calibration_batches(), example, transform)
+            # the layers fed the image take its exact range (the plan's), in this program's input units:
+            # with the image input the std is folded into the first convs, so they see pixel - mean
+            fixed = {l.name: l.input_amax for l in ctx.plan.int8_layers() if getattr(l, "input_range", None) is not None}
+            if fixed and image_input:
+                from crossvit_edge.calibration.plan import image_input_ranges
+
+                exact = image_input_ranges(model, pre.mean, (1.0, 1.0, 1.0))
+                fixed = {name: exact[name] for name in fixed}
+            finalized, quantized, images = calibrate_w8a8(model, layers, ctx.calibration_batches(), example, transform, fixed)
             removed = strip_output_qdq(finalized, layers)
             folded = fold_static_shapes(finalized, example)
             with warnings.catch_warnings():

@@ -226,7 +226,23 @@ def _module_path(node) -> str:
     return path[len("L['self'].") :] if path.startswith("L['self'].") else path
 
 
-def plan_quantizer(layer_names, attention_modules=()):
+def fixed_input_qspec(amax: float):
+    """The input spec of a plan layer whose range is known (the layers fed the image, the plan's
+    ``input_range``): fixed parameters, the plan's symmetric grid (scale amax / 127, zero point 0)
+    on XNNPACK's int8, no observer that could clip it."""
+    import torch
+    from torchao.quantization.pt2e.quantizer import FixedQParamsQuantizationSpec
+
+    return FixedQParamsQuantizationSpec(dtype=torch.int8, scale=float(amax) / 127.0, zero_point=0, quant_min=-128, quant_max=127,
+                                        qscheme=torch.per_tensor_affine)
+
+
+def fixed_input_ranges(plan) -> Dict[str, float]:
+    """layer -> input |x| range of the plan's int8 layers whose range is not calibrated."""
+    return {l.name: float(l.input_amax) for l in plan.int8_layers() if getattr(l, "input_range", None) is not None}
+
+
+def plan_quantizer(layer_names, attention_modules=(), fixed_input_amax=None):
     """XNNPACK's quantizer restricted to the plan: per-channel symmetric int8 weights and static
     per-tensor int8 activations on the ``linear`` / ``conv`` op of each plan layer, nothing else;
     and the two ``bmm`` of each attention module named in ``attention_modules`` (the plan's int8
@@ -246,7 +262,7 @@ def plan_quantizer(layer_names, attention_modules=()):
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY, QuantizationAnnotation
 
-    names, attention = set(layer_names), set(attention_modules)
+    names, attention, fixed = set(layer_names), set(attention_modules), dict(fixed_input_amax or {})
     weighted = (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
     config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
 
@@ -254,7 +270,9 @@ def plan_quantizer(layer_names, attention_modules=()):
         def annotate(self, model):
             for node in model.graph.nodes:
                 if node.op == "call_function" and node.target in weighted and _module_path(node) in names:
-                    qspecs = {node.args[0]: config.input_activation, node.args[1]: config.weight}
+                    path = _module_path(node)
+                    act = fixed_input_qspec(fixed[path]) if path in fixed else config.input_activation
+                    qspecs = {node.args[0]: act, node.args[1]: config.weight}
                     if len(node.args) > 2 and node.args[2] is not None and config.bias is not None:
                         qspecs[node.args[2]] = config.bias
                     node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
@@ -354,7 +372,7 @@ def stage_quantize(model, example, plan, calibration_batches):
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = plan_quantizer([layer.name for layer in plan.int8_layers()], int8_attention_modules(plan, model))
+    quantizer = plan_quantizer([layer.name for layer in plan.int8_layers()], int8_attention_modules(plan, model), fixed_input_ranges(plan))
     graph = torch.export.export(model.eval(), (example,), strict=True).module()
     prepared = prepare_pt2e(graph, quantizer)
     images = 0

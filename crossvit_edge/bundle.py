@@ -638,6 +638,8 @@ MAX_PLAN_ENTRIES = 100_000  # layers, attention tensors, smoothing pairs in a pl
 MAX_SAMPLES = 10_000_000  # calibration images (as spec.MAX_SAMPLES)
 PLAN_LAYER_KINDS = ("linear", "conv")
 PLAN_PRECISIONS = ("int8", "float")
+# a plan layer's input_range: absent = calibrated; calibration.plan.IMAGE_BOUNDS = exact image range
+PLAN_INPUT_RANGES = ("preprocessing bounds",)
 ATTENTION_TENSOR_KINDS = ("q", "k", "v", "probs")
 
 
@@ -709,7 +711,8 @@ def validate_quantization_plan(data: Any, source: str, where: str = "quantizatio
             c.fail(f"{lw}.input_amax", "an int8 layer needs its calibrated input range")
         _optional_number(c, layer, "input_scale", f"{lw}.input_scale", 0.0)
         _optional_number(c, layer, "sensitivity", f"{lw}.sensitivity")
-        _scalar_extras(c, layer, ("name", "kind", "precision", "reason", "input_amax", "input_scale", "sensitivity"), lw)
+        c.choice(layer, "input_range", f"{lw}.input_range", PLAN_INPUT_RANGES, required=False)
+        _scalar_extras(c, layer, ("name", "kind", "precision", "reason", "input_amax", "input_scale", "sensitivity", "input_range"), lw)
     if plan.get("calibration") is not None:
         validate_calibration(plan["calibration"], source, f"{where}.calibration")
     smoothing = c.obj(plan, "smoothing", f"{where}.smoothing", required=False)

@@ -156,7 +156,7 @@ def open_calibration_images(spec: BuildSpec) -> ImageSet:
 
 def stage_calibrate(ctx: ConversionContext) -> None:
     from crossvit_edge.calibration.collect import CalibrationStatistics, collect_statistics, weights_digest
-    from crossvit_edge.calibration.plan import attention_point_names, build_plan, quantizable_layer_names
+    from crossvit_edge.calibration.plan import attention_point_names, build_plan, image_input_ranges, quantizable_layer_names
     from crossvit_edge.calibration.smoothing import apply_smoothing, smoothing_factors, smoothing_pairs
 
     spec, settings = ctx.spec, ctx.spec.calibration
@@ -200,7 +200,9 @@ def stage_calibrate(ctx: ConversionContext) -> None:
         stats = run_pass(for_export(model) if attention else model, True, "calibrating")
     amax = stats.amax(settings.method, settings.percentile)
     plan_record = {k: record.get(k) for k in ("method", "percentile", "batch_size", "samples", "seed", "images", "image_set_sha256", "data", "stats")}
-    plan = build_plan(model, ctx.model_name, amax, plan_record, attention=attention)
+    # the image's range is known exactly from the preprocessing: never calibrated, never clipped
+    fixed = image_input_ranges(model, ctx.preprocessing.mean, ctx.preprocessing.std)
+    plan = build_plan(model, ctx.model_name, amax, plan_record, attention=attention, fixed_amax=fixed)
     plan.smoothing = smoothing
     if spec.float_layers is not None:
         plan = plan_with_float_layers(plan, spec.float_layers)
