@@ -81,8 +81,10 @@ TARGETS = [
     ("onnx", {"int8_form": "tensorrt"}),
     ("onnx", {"int8_form": "ort-cpu", "ort_fusions": True}),
     ("executorch", {}),
-    # Core ML (converters/coreml.py fix_input_observers) is not in this list yet: both cases failed
-    # on the first run, not yet diagnosed (issue 28 item 1, left open)
+    ("coreml", {}),
+    # Core ML with --image-input is not here: its first convs see pixel - mean (the std folded into
+    # their weights) and the debugger compares that grid with the fp32 model's normalised values
+    # (85.5% "clipped" measured: a unit mismatch of the debugger's, not yet fixed; issue 28 note)
     ("coreai", {}),
 ]
 
@@ -121,7 +123,9 @@ def test_int8_bundle_never_clips_the_image(tmp_path, demo_checkpoint, digits_dir
         if target == "coreml" and options.get("image_input"):
             # the std is folded into the first convs: the program's input is pixel - mean
             expected = image_input_ranges(model, pre["mean"], (1.0, 1.0, 1.0))[layer]
-        assert scale == pytest.approx(expected / 127.0, rel=1e-6), (layer, row["quant"])
+        # Core ML's program holds the scale in fp16, rounded up by fix_input_observers (a relative step of 2**-10)
+        assert scale == pytest.approx(expected / 127.0, rel=1e-3 if target == "coreml" else 1e-6), (layer, row["quant"])
+        assert scale * 127.0 >= expected * (1 - 1e-9), (layer, row["quant"])
         lo, hi = row["quant"]["range"]
         assert lo <= -expected * (1 - 1e-6) and hi >= expected * (1 - 1e-6), row["quant"]
         checked += 1
