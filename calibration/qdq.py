@@ -29,6 +29,20 @@ from torch import nn
 from .plan import QuantPlan
 
 
+def fp16_scale_holding(amax: float) -> float:
+    """The smallest float16 scale whose int8 grid (127 * scale) holds ``amax``. fp16 programs (Core
+    ML, Core AI) store each activation scale in fp16; rounding amax / 127 to the nearest fp16 can
+    land below it (measured: 0.020782470703125 for the image bound 2.6400, 127 * scale = 2.6394,
+    which clipped 0.81% of the demo images' values), so a range that must hold, the image's exact
+    one above all, takes the next fp16 up."""
+    import numpy as np
+
+    scale = np.float16(amax / 127.0)
+    while float(scale) * 127.0 < amax:
+        scale = np.nextafter(scale, np.float16(np.inf))
+    return float(scale)
+
+
 @torch.library.custom_op("crossvit_edge::quantize_dequantize", mutates_args=())
 def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     s = scale.to(x.dtype)

@@ -15,7 +15,8 @@ precision is built:
 * ``int8`` (W8A8): the quantization plan as explicit Q/DQ (``calibration.qdq.apply_qdq``, the same
   plan layers and calibrated input scales as the ONNX, TensorRT and ExecuTorch builds), its two ops
   rewritten to Core AI's: each plan layer's input becomes ``coreai::quantize`` (int8, per tensor,
-  the plan's scale) -> ``coreai::dequantize``, each weight ``constexpr_blockwise_shift_scale`` on
+  the plan's scale, taken up to the next fp16 value where fp16's nearest would narrow the plan's
+  range) -> ``coreai::dequantize``, each weight ``constexpr_blockwise_shift_scale`` on
   int8 data. These are exactly the ops coreai-opt's ``Quantizer.finalize`` writes for a W8A8 model
   (coreai_opt/quantization/_graph/_prepare_for_export.py); the numbers are ours rather than its
   observers', so LayerNorm, softmax, GELU, residual adds and concatenations stay float as the plan
@@ -96,6 +97,16 @@ def _int8_input(x, scale):
     return ops.dequantize(ops.quantize(x, scale.to(x.dtype), torch.int8), scale.to(x.dtype))
 
 
+def _fp16_input_scale(scale: "torch.Tensor") -> "torch.Tensor":
+    """The plan's per-tensor input scale as the fp16 program will hold it, rounded up so that the
+    grid never narrows below the plan's range (nearest rounding clipped the image at its bound)."""
+    import torch
+
+    from crossvit_edge.calibration.qdq import fp16_scale_holding
+
+    return torch.tensor(fp16_scale_holding(float(scale.reshape(-1)[0]) * 127.0), dtype=torch.float32).reshape(scale.shape)
+
+
 def _modules():
     import torch
     import torch.nn.functional as F
@@ -106,8 +117,9 @@ def _modules():
 
         def __init__(self, m):
             super().__init__()
-            for name in ("weight_int8", "weight_scale", "input_scale"):
+            for name in ("weight_int8", "weight_scale"):
                 self.register_buffer(name, getattr(m, name).detach().clone())
+            self.register_buffer("input_scale", _fp16_input_scale(m.input_scale))
             self.axis = m.axis
             self.bias = m.bias
 
@@ -119,8 +131,9 @@ def _modules():
     class CoreAIQDQConv2d(nn.Module):
         def __init__(self, m):
             super().__init__()
-            for name in ("weight_int8", "weight_scale", "input_scale"):
+            for name in ("weight_int8", "weight_scale"):
                 self.register_buffer(name, getattr(m, name).detach().clone())
+            self.register_buffer("input_scale", _fp16_input_scale(m.input_scale))
             self.axis, self.bias = m.axis, m.bias
             self.stride, self.padding, self.dilation, self.groups = m.stride, m.padding, m.dilation, m.groups
 
@@ -132,7 +145,7 @@ def _modules():
     class CoreAIQDQActivation(nn.Module):
         def __init__(self, m):
             super().__init__()
-            self.register_buffer("scale", m.scale.detach().clone())
+            self.register_buffer("scale", _fp16_input_scale(m.scale))
 
         def forward(self, x):
             return _int8_input(x, self.scale)
@@ -270,7 +283,7 @@ class CoreAIConverter(Converter):
             counts = to_coreai_qdq(model)
             report["w8a8"] = {
                 "form": "coreai::quantize -> coreai::dequantize on each plan layer's input (int8, per tensor, the plan's "
-                        "scale); coreai::constexpr_blockwise_shift_scale on int8 weights (per output channel)",
+                        "scale rounded up to fp16); coreai::constexpr_blockwise_shift_scale on int8 weights (per output channel)",
                 "int8_layers": counts["layers"],
                 "activation_points": counts["activation_points"],
                 "scales": "crossvit_edge.calibration.plan (the same as every other target's int8 build)",
@@ -679,11 +692,12 @@ class CoreAIProbe:
             value = loc.tensor
             op_id, _ = values.get(value, (None, None))
             if op_id is None:
-                self.located[key] = Located(None, note=f"IR value {value} has no operation id of its own (none, or shared with another op)")
+                self.located[key] = Located(None, loc.quant, f"IR value {value} has no operation id of its own (none, or shared with another op)")
                 continue
             found = writers.get((op_id, int(value.partition("#")[2] or 0)), [])
             if not found:
-                self.located[key] = Located(None, note=f"no ODIX op of the lowered program writes IR value {value} (fused away)")
+                # the grid stays on the row: the IR's dequantize says it even where no value can be read
+                self.located[key] = Located(None, loc.quant, f"no ODIX op of the lowered program writes IR value {value} (fused away)")
                 continue
             self.located[key] = loc
             for odix, output in found:

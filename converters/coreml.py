@@ -301,6 +301,8 @@ def fix_input_observers(prepared, int8_layers: Sequence[str], fixed_input_amax: 
     +-amax * 127.5 / 127 gives scale amax / 127 (the plan's), whose grid holds [-amax, amax]."""
     import torch
 
+    from crossvit_edge.calibration.qdq import fp16_scale_holding
+
     fixed = dict(fixed_input_amax)
     for node in prepared.graph.nodes:
         if node.op != "call_module":
@@ -313,13 +315,9 @@ def fix_input_observers(prepared, int8_layers: Sequence[str], fixed_input_amax: 
         if observer is None or not hasattr(observer, "min_val"):
             continue
         amax = fixed.pop(layer)
-        # the program stores the scale in fp16 (measured: 0.020782470703125 for amax 2.6400, whose
-        # 127 * scale = 2.6394 clipped 0.81% of the demo images' values at the bound): start from the
-        # smallest fp16 scale whose grid holds amax, so the rounding can only widen it
-        scale16 = np.float16(amax / 127.0)
-        if float(scale16) * 127.0 < amax:
-            scale16 = np.nextafter(scale16, np.float16(np.inf))
-        bound = torch.tensor(float(scale16) * 127.5, dtype=torch.float32)
+        # the program stores the scale in fp16: start from the smallest fp16 scale whose grid holds
+        # amax, so the rounding can only widen it
+        bound = torch.tensor(fp16_scale_holding(amax) * 127.5, dtype=torch.float32)
         while True:  # float32 division may land a level short: widen by ulps until 127 * scale >= amax
             observer.min_val.copy_(-bound)
             observer.max_val.copy_(bound)

@@ -68,6 +68,19 @@ def test_plan_takes_the_image_range_for_the_layers_fed_the_image(dagger):
     assert [l.input_range for l in again.layers] == [l.input_range for l in plan.layers]
 
 
+def test_fp16_scale_holds_the_range():
+    """fp16 programs store the scale rounded: the nearest fp16 to 2.64 / 127 lands below it (its grid
+    would clip the image's top), the scale taken holds it and is the smallest fp16 that does."""
+    from crossvit_edge.calibration.qdq import fp16_scale_holding
+
+    amax = image_input_amax(image_channel_bounds(IMAGENET_MEAN, IMAGENET_STD))
+    assert float(np.float16(amax / 127.0)) * 127.0 < amax
+    for value in (amax, 1e-3, 0.37, 6.0, 100.0):
+        s = fp16_scale_holding(value)
+        assert float(np.float16(s)) == s and s * 127.0 >= value
+        assert float(np.nextafter(np.float16(s), np.float16(0))) * 127.0 < value
+
+
 def test_plan_schema_accepts_the_image_range_and_rejects_another():
     from crossvit_edge.bundle import PLAN_INPUT_RANGES
 
@@ -84,8 +97,9 @@ TARGETS = [
     ("coreml", {}),
     # Core ML with --image-input is not here: its first convs see pixel - mean (the std folded into
     # their weights) and the debugger compares that grid with the fp32 model's normalised values
-    # (85.5% "clipped" measured: a unit mismatch of the debugger's, not yet fixed; issue 28 note)
-    ("coreai", {}),
+    # (85.5% "clipped" measured: a unit mismatch of the debugger's, not yet fixed; issue 28 note).
+    # Core AI is checked on the micro model in test_coreai.py: coreai-core's Linux runtime took over
+    # 600 s to load the demo model's int8 asset in CI.
 ]
 
 
@@ -95,8 +109,6 @@ def test_int8_bundle_never_clips_the_image(tmp_path, demo_checkpoint, digits_dir
     from crossvit_edge.pipeline import convert
     from crossvit_edge.spec import BuildSpec, CalibrationSettings
 
-    if target == "coreai":
-        pytest.importorskip("coreai")
     out = tmp_path / "bundle"
     spec = BuildSpec(target=target, output=out, precision="int8", checkpoint=str(demo_checkpoint), batch_size=1, options=options,
                      calibration=CalibrationSettings(data=digits_dir / "train", samples=8),

@@ -222,3 +222,18 @@ def test_layerwise_probe_shows_the_runtimes_intermediate_values(int8, images, mi
         if r["status"] != "compared":
             assert r["note"], r["key"]
     assert report["probe_vs_artifact"]["cosine"] > 0.99999  # the logger run computes what the runner computes
+    # issue 28 item 1: the patch embeddings' input grid is the image's exact range, held by the
+    # program's fp16 scale (rounded up: the nearest fp16 clipped the image's top). The ODIX lowering
+    # fuses that quantize into the conv, so no value is read there (measured: "fused away"); the
+    # grid is the IR's, and images never leave the bound (test_calibration_image_range)
+    from crossvit_edge.calibration.plan import image_fed_layers, image_input_ranges
+
+    pre = bundle.manifest["preprocessing"]
+    by_key = {r["key"]: r for r in report["points"]}
+    fed = image_input_ranges(model, pre["mean"], pre["std"])
+    assert sorted(fed) == sorted(image_fed_layers(model)) and len(fed) == 2
+    for layer, expected in fed.items():
+        row = by_key[f"{layer}:input"]
+        assert row["status"] == "compared" and row["clipped_share"] == 0.0 or "fused away" in row["note"], row
+        scale = row["quant"]["scale"]
+        assert expected / 127.0 <= scale <= expected / 127.0 * (1 + 2**-10), (layer, row["quant"])

@@ -98,8 +98,8 @@ def _break_coreml(monkeypatch):
 
     original = cm.calibrate_w8a8
 
-    def broken(model, layers, batches, example, transform=None):
-        finalized, quantized, images = original(model, layers, batches, example, transform)
+    def broken(model, layers, batches, example, transform=None, fixed=None):
+        finalized, quantized, images = original(model, layers, batches, example, transform, fixed)
         for node in finalized.graph.nodes:
             if node.op == "call_module" and cm._layer_of(str(node.target), [BROKEN]) and node.args:
                 scale = node.args[0].args[0].args[1].target  # call_module <- dequantize <- quantize_per_tensor(x, scale, zp)
