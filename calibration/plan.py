@@ -96,6 +96,15 @@ def attention_point_names(model: nn.Module, calibrated_only: bool = False) -> Li
     return [n for n in names if not (calibrated_only and n.endswith(".probs"))]
 
 
+AUTO_KEYS = ("estimator", "estimator_snr_db", "estimator_margin_db")
+
+
+def _finite_or_none(x: Optional[float]) -> Optional[float]:
+    import math
+
+    return None if x is None or not math.isfinite(x) else round(float(x), 3)
+
+
 @dataclass
 class LayerPlan:
     name: str
@@ -107,6 +116,11 @@ class LayerPlan:
     # where input_amax comes from: None = calibrated; IMAGE_BOUNDS = the exact range of the
     # normalised image (image_input_amax), never calibrated
     input_range: Optional[str] = None
+    # --calib-method auto (calibration.auto): the estimator whose range won, the layer's output SNR
+    # with it on the evaluation images, and its lead over the best other candidate (dB)
+    estimator: Optional[str] = None
+    estimator_snr_db: Optional[float] = None
+    estimator_margin_db: Optional[float] = None
 
     @property
     def input_scale(self) -> Optional[float]:
@@ -115,8 +129,9 @@ class LayerPlan:
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["input_scale"] = self.input_scale
-        if d["input_range"] is None:  # absent when calibrated: earlier plans stay as they were
-            del d["input_range"]
+        for key in ("input_range",) + AUTO_KEYS:  # absent when unset: earlier plans stay as they were
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -128,13 +143,17 @@ class TensorPlan:
     tensor: str  # q | k | v | probs
     amax: float  # |x| clipping value: calibrated, or the known range (softmax output)
     calibrated: bool
+    estimator: Optional[str] = None  # as LayerPlan's (--calib-method auto)
+    estimator_snr_db: Optional[float] = None
+    estimator_margin_db: Optional[float] = None
 
     @property
     def scale(self) -> float:
         return self.amax / 127.0
 
     def to_dict(self) -> Dict[str, Any]:
-        return {**asdict(self), "scale": self.scale, "describes": ATTENTION_TENSORS[self.tensor]}
+        d = {**asdict(self), "scale": self.scale, "describes": ATTENTION_TENSORS[self.tensor]}
+        return {k: v for k, v in d.items() if not (k in AUTO_KEYS and v is None)}
 
 
 @dataclass
@@ -158,7 +177,7 @@ class QuantPlan:
     def with_float(self, names: Iterable[str], reason: str) -> "QuantPlan":
         names = set(names)
         layers = [
-            LayerPlan(**{**asdict(l), "precision": "float", "reason": reason}) if l.name in names else LayerPlan(**asdict(l))
+            LayerPlan(**{**asdict(l), "precision": "float", "reason": reason, **dict.fromkeys(AUTO_KEYS)}) if l.name in names else LayerPlan(**asdict(l))
             for l in self.layers
         ]
         attention = None if self.attention is None else [TensorPlan(**asdict(t)) for t in self.attention]
@@ -210,12 +229,14 @@ class QuantPlan:
             LayerPlan(
                 name=l["name"], kind=l["kind"], precision=l["precision"], reason=l["reason"],
                 input_amax=l.get("input_amax"), sensitivity=l.get("sensitivity"), input_range=l.get("input_range"),
+                **{k: l.get(k) for k in AUTO_KEYS},
             )
             for l in d["layers"]
         ]
         attention = d.get("attention_matmuls")
         tensors = None if attention is None else [
-            TensorPlan(name=t["name"], tensor=t["tensor"], amax=t["amax"], calibrated=t["calibrated"]) for t in attention["tensors"]]
+            TensorPlan(name=t["name"], tensor=t["tensor"], amax=t["amax"], calibrated=t["calibrated"], **{k: t.get(k) for k in AUTO_KEYS})
+            for t in attention["tensors"]]
         return cls(d["model"], layers, d.get("calibration", {}), d.get("smoothing"), d.get("mixed_precision"), tensors)
 
 
@@ -322,3 +343,16 @@ def build_plan(model: nn.Module, model_name: str, amax: Dict[str, float], calibr
         if not plan.attention:
             raise ValueError(f"{model_name}: no self-attention matmul points to quantize")
     return plan
+
+
+def record_choices(plan: QuantPlan, choices: Dict[str, Dict[str, Any]]) -> None:
+    """Write ``calibration.auto.select_ranges``' choice into each planned int8 tensor it judged."""
+    entries = {l.name: l for l in plan.layers if l.precision == "int8" and l.input_range is None}
+    entries.update({t.name: t for t in plan.attention or [] if t.calibrated})
+    for name, choice in choices.items():
+        entry = entries.get(name)
+        if entry is None:
+            continue
+        entry.estimator = choice["estimator"]
+        entry.estimator_snr_db = _finite_or_none(choice["snr_db"])
+        entry.estimator_margin_db = _finite_or_none(choice["margin_db"])

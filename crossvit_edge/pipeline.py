@@ -159,6 +159,8 @@ def stage_calibrate(ctx: ConversionContext) -> None:
     from crossvit_edge.calibration.plan import attention_point_names, build_plan, image_input_ranges, quantizable_layer_names
     from crossvit_edge.calibration.smoothing import apply_smoothing, smoothing_factors, smoothing_pairs
 
+    from .crossvit import for_export
+
     spec, settings = ctx.spec, ctx.spec.calibration
     model = ctx.fp32_model
     # the profile's int8 attention option: the attention matmul operands are observed too, in the
@@ -190,19 +192,36 @@ def stage_calibrate(ctx: ConversionContext) -> None:
         model = apply_smoothing(model, factors)
         smoothing = {"alpha": spec.smoothing_alpha, "pairs": [[n, c] for n, c in smoothing_pairs(model)]}
 
+    if settings.method == "auto" and images is None:
+        raise UserError("--calib-method auto needs --calib-data: it judges each candidate range on calibration images "
+                        "(--calib-stats alone holds histograms, not images)")
     if settings.stats is not None:
         stats = CalibrationStatistics.load(settings.stats)
         stats.check_matches(ctx.model_name, weights_digest(model), layers, str(settings.stats))
         record = {**stats.settings, "method": settings.method, "percentile": settings.percentile, "stats": str(settings.stats)}
     else:
-        from .crossvit import for_export
-
         stats = run_pass(for_export(model) if attention else model, True, "calibrating")
-    amax = stats.amax(settings.method, settings.percentile)
     plan_record = {k: record.get(k) for k in ("method", "percentile", "batch_size", "samples", "seed", "images", "image_set_sha256", "data", "stats")}
     # the image's range is known exactly from the preprocessing: never calibrated, never clipped
     fixed = image_input_ranges(model, ctx.preprocessing.mean, ctx.preprocessing.std)
+    choices = None
+    if settings.method == "auto":
+        from crossvit_edge.calibration import auto
+
+        judged = [n for n in layers if n not in fixed]
+        sample = images.subset(range(min(auto.AUTO_EVAL_IMAGES, len(images))))
+        amax, choices = auto.select_ranges(for_export(model) if attention else model, stats.layers, judged,
+                                           sample.batches(ctx.preprocessing, settings.batch_size),
+                                           total_batches=math.ceil(len(sample) / settings.batch_size))
+        plan_record["auto"] = {**auto.summary(choices), "evaluation_images": len(sample)}
+        plan_record["percentile"] = None  # the candidates carry their own levels
+    else:
+        amax = stats.amax(settings.method, settings.percentile)
     plan = build_plan(model, ctx.model_name, amax, plan_record, attention=attention, fixed_amax=fixed)
+    if choices is not None:
+        from crossvit_edge.calibration.plan import record_choices
+
+        record_choices(plan, choices)
     plan.smoothing = smoothing
     if spec.float_layers is not None:
         plan = plan_with_float_layers(plan, spec.float_layers)

@@ -10,7 +10,7 @@ from .convert_flags import PRECISIONS
 from .device_profiles import MAX_BATCH, OPSETS, TARGETS, DeviceProfile
 from .errors import UserError, brief
 
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse", "auto")  # auto: calibration.auto
 MAX_SAMPLES = 10_000_000
 MAX_BUNDLED_INPUTS = 1000
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "crossvit_tiny_240_digits.safetensors"
