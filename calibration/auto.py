@@ -38,7 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .estimators import AbsHistogram, compute_amax
-from .qdq import quantize_weight
+from .qdq import dequantize, quantize_dequantize, quantize_weight
 
 log = logging.getLogger(__name__)
 
@@ -69,48 +69,43 @@ def candidate_ranges(h: AbsHistogram) -> Dict[str, float]:
 
 
 def _fake_quant(x: torch.Tensor, amax: float) -> torch.Tensor:
-    scale = amax / 127.0
-    return torch.clamp(torch.round(x / scale), -128, 127) * scale
+    """The plan's per-tensor Q/DQ (``qdq.quantize_dequantize``) at clipping value ``amax``."""
+    return quantize_dequantize(x, torch.tensor(amax / 127.0, dtype=x.dtype), torch.tensor(0, dtype=torch.int8))
 
 
 class _Judge:
-    """Accumulates, for one tensor, the squared error each distinct candidate value causes and the
-    reference's energy."""
+    """Accumulates, for one tensor, the Fisher-weighted squared error each distinct candidate value
+    causes at the output of the layer it feeds (the identity for a tensor that feeds no weighted
+    layer) and the reference output's Fisher-weighted energy."""
 
     def __init__(self, module: nn.Module, values: Sequence[float]):
         self.values = list(values)
         self.error = np.zeros(len(self.values), np.float64)
         self.energy = 0.0
         self.module = module
-        self.weight_q: Optional[torch.Tensor] = None
-        if isinstance(module, nn.Linear):
+        self.weight = self.weight_q = None
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
             q, s = quantize_weight(module.weight, axis=0)
-            self.weight_q = q.float() * s.reshape(-1, 1)
-        elif isinstance(module, nn.Conv2d):
-            q, s = quantize_weight(module.weight, axis=0)
-            self.weight_q = q.float() * s.reshape(-1, 1, 1, 1)
+            self.weight = module.weight.detach().float()
+            self.weight_q = dequantize(q, s, torch.zeros(s.shape, dtype=torch.int8), 0)  # the artifact's int8 weight
 
-    def _apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _layer(self, x: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
         m = self.module
+        if w is None:
+            return x
         if isinstance(m, nn.Linear):
             return F.linear(x, w)  # the bias cancels in the difference
         return F.conv2d(x, w, None, m.stride, m.padding, m.dilation, m.groups)
 
     def update(self, x: torch.Tensor, fisher: torch.Tensor) -> None:
         """``x``: the layer's fp32 input; ``fisher``: the squared log-likelihood gradient at its
-        output (same shape as the output)."""
+        output (same shape as the output), summed over the draws."""
         x = x.detach().float()
         w = fisher.detach().double()
-        if self.weight_q is None:
-            ref = x
-            self.energy += float((w * ref.double() ** 2).sum())
-            for i, a in enumerate(self.values):
-                self.error[i] += float((w * (_fake_quant(x, a) - ref).double() ** 2).sum())
-            return
-        ref = self._apply(x, self.module.weight.detach().float())
+        ref = self._layer(x, self.weight)
         self.energy += float((w * ref.double() ** 2).sum())
         for i, a in enumerate(self.values):
-            self.error[i] += float((w * (self._apply(_fake_quant(x, a), self.weight_q) - ref).double() ** 2).sum())
+            self.error[i] += float((w * (self._layer(_fake_quant(x, a), self.weight_q) - ref).double() ** 2).sum())
 
 
 def snr_db(error: float, energy: float) -> float:
@@ -162,19 +157,24 @@ def select_ranges(model: nn.Module, histograms: Dict[str, AbsHistogram], names: 
     model.eval()
     try:
         for x in tqdm(batches, total=total_batches, desc="judging ranges", unit="batch", leave=False):
-            for _ in range(AUTO_FISHER_DRAWS):
-                inputs.clear()
-                outputs.clear()
-                with torch.enable_grad():
-                    image = torch.from_numpy(np.ascontiguousarray(x)).requires_grad_(True)
-                    logits = model(image)
-                    drawn = torch.multinomial(torch.softmax(logits.detach().double(), 1), 1, generator=generator).squeeze(1)
-                    F.cross_entropy(logits, drawn, reduction="sum").backward()
-                for n in names:
-                    grad = outputs[n].grad
-                    if grad is None:
-                        raise ValueError(f"auto calibration: no gradient reached {n}")
-                    judges[n].update(inputs[n], grad ** 2)
+            inputs.clear()
+            outputs.clear()
+            fisher: Dict[str, torch.Tensor] = {}
+            with torch.enable_grad():  # one forward; a backward per drawn label
+                image = torch.from_numpy(np.ascontiguousarray(x)).requires_grad_(True)
+                logits = model(image)
+                probs = torch.softmax(logits.detach().double(), 1)
+                for draw in range(AUTO_FISHER_DRAWS):
+                    drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                    F.cross_entropy(logits, drawn, reduction="sum").backward(retain_graph=draw + 1 < AUTO_FISHER_DRAWS)
+                    for n in names:
+                        grad = outputs[n].grad
+                        if grad is None:
+                            raise ValueError(f"auto calibration: no gradient reached {n}")
+                        fisher[n] = grad ** 2 if n not in fisher else fisher[n] + grad ** 2
+                        outputs[n].grad = None
+            for n in names:  # the error is linear in the weights: the draws' sum judged once
+                judges[n].update(inputs[n], fisher[n])
     finally:
         for h in handles:
             h.remove()

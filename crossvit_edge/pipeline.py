@@ -195,12 +195,14 @@ def stage_calibrate(ctx: ConversionContext) -> None:
     if settings.method == "auto" and images is None:
         raise UserError("--calib-method auto needs --calib-data: it judges each candidate range on calibration images "
                         "(--calib-stats alone holds histograms, not images)")
+    # what is observed: with int8 attention, the export form that carries the operand points
+    observed = for_export(model) if attention else model
     if settings.stats is not None:
         stats = CalibrationStatistics.load(settings.stats)
         stats.check_matches(ctx.model_name, weights_digest(model), layers, str(settings.stats))
         record = {**stats.settings, "method": settings.method, "percentile": settings.percentile, "stats": str(settings.stats)}
     else:
-        stats = run_pass(for_export(model) if attention else model, True, "calibrating")
+        stats = run_pass(observed, True, "calibrating")
     plan_record = {k: record.get(k) for k in ("method", "percentile", "batch_size", "samples", "seed", "images", "image_set_sha256", "data", "stats")}
     # the image's range is known exactly from the preprocessing: never calibrated, never clipped
     fixed = image_input_ranges(model, ctx.preprocessing.mean, ctx.preprocessing.std)
@@ -210,7 +212,7 @@ def stage_calibrate(ctx: ConversionContext) -> None:
 
         judged = [n for n in layers if n not in fixed]
         sample = images.subset(range(min(auto.AUTO_EVAL_IMAGES, len(images))))
-        amax, choices = auto.select_ranges(for_export(model) if attention else model, stats.layers, judged,
+        amax, choices = auto.select_ranges(observed, stats.layers, judged,
                                            sample.batches(ctx.preprocessing, settings.batch_size),
                                            total_batches=math.ceil(len(sample) / settings.batch_size))
         plan_record["auto"] = {**auto.summary(choices), "evaluation_images": len(sample)}
