@@ -1,7 +1,7 @@
 """Per-tensor range selection (``--calib-method auto``) against every single estimator, on the demo
 model, and what it costs in calibration time.
 
-    python benchmarks/calib_auto.py [--samples 256] [--forms onnx-tensorrt,onnx-ort-cpu]
+    python benchmarks/calib_auto.py [--samples 256] [--forms onnx-tensorrt,onnx-ort-cpu,executorch]
                                     [--methods minmax,percentile,entropy,mse,auto] [--timing-model crossvit_9_240]
 
 Accuracy: for each int8 form and method, the demo checkpoint calibrated on the demo's 256-image
@@ -27,11 +27,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# form -> (target, options). ExecuTorch is not here: its int8 inputs take XNNPACK's PT2E observers'
-# ranges, not the plan's (docs/usage.md), so --calib-method does not reach it
+# form -> (target, options). ExecuTorch's int8 layer inputs take the plan's ranges (its layer
+# outputs XNNPACK's own observers'), so --calib-method reaches it too
 FORMS = {
     "onnx-tensorrt": ("onnx", {"int8_form": "tensorrt"}),
     "onnx-ort-cpu": ("onnx", {"int8_form": "ort-cpu", "ort_fusions": True}),
+    "executorch": ("executorch", {}),
 }
 
 def cpu_name() -> str:

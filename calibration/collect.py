@@ -30,7 +30,7 @@ STATS_FILE = "calibration_stats.npz"
 STATS_FORMAT = 1
 # Bounds on a statistics file (docs/security.md)
 MAX_STATS_BYTES = 256 << 20  # the file, and what its arrays inflate to in all
-MAX_STATS_MEMBERS = 20_000  # arrays in it (two per layer and the metadata)
+MAX_STATS_MEMBERS = 20_000  # arrays in it (three per layer and the metadata)
 MAX_META_BYTES = 4 << 20  # the metadata JSON
 MAX_CHANNELS = 1 << 20  # values in one per-channel max array
 
@@ -42,6 +42,11 @@ class CalibrationStatistics:
     layers: Dict[str, AbsHistogram]
     channel_amax: Dict[str, np.ndarray]
     settings: Dict[str, Any] = field(default_factory=dict)  # images, batch size, seed, set hash...
+    # --calib-method auto's Fisher weights on each histogram's bins (calibration.auto.fisher_histograms)
+    # and how many images gave them: present where the statistics were taken for auto, so that a
+    # later --calib-stats build can choose ranges without the images
+    fisher: Dict[str, np.ndarray] = field(default_factory=dict)
+    fisher_images: int = 0
 
     def amax(self, method: str, percentile: float = 99.99) -> Dict[str, float]:
         return {name: compute_amax(h, method, percentile) for name, h in self.layers.items()}
@@ -57,6 +62,12 @@ class CalibrationStatistics:
         for i, (name, v) in enumerate(self.channel_amax.items()):
             arrays[f"chan_{i}"] = v
             meta.setdefault("channels", {})[name] = i
+        index = {name: i for i, name in enumerate(self.layers)}
+        for name, w in self.fisher.items():
+            arrays[f"fisher_{index[name]}"] = w
+            meta.setdefault("fisher", {})[name] = index[name]
+        if self.fisher:
+            meta["fisher_images"] = int(self.fisher_images)
         arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
         with safe_io.atomic_writer(path) as f:  # a new file renamed into place, 0644 like the rest of the bundle
             np.savez(f, **arrays)
@@ -97,7 +108,7 @@ class CalibrationStatistics:
             model = c.value(meta, "model", "model", str)
             digest = c.value(meta, "weights_sha256", "weights_sha256", str)
             settings = c.obj(meta, "settings", "settings", required=False) or {}
-            layers = {}
+            layers, layer_index = {}, {}
             for name, m in c.obj(meta, "layers", "layers").items():
                 where = f"layers[{brief(name, 80)}]"
                 m = c.obj({"m": m}, "m", where)
@@ -107,11 +118,23 @@ class CalibrationStatistics:
                 if width <= 0 or amax < 0:
                     c.fail(where, f"width must be positive and amax non-negative, got {width!r}, {amax!r}")
                 layers[name] = AbsHistogram(counts=array(z, f"hist_{index}", f"{where}.counts", MAX_BINS), width=width, amax=amax)
+                layer_index[name] = index
             channels = {}
             for name, i in (c.obj(meta, "channels", "channels", required=False) or {}).items():
                 index = c.integer({"i": i}, "i", f"channels[{brief(name, 80)}]", 0, 1 << 30)
                 channels[name] = array(z, f"chan_{index}", f"channels[{brief(name, 80)}]", MAX_CHANNELS).astype(np.float32)
-        return cls(model, digest, layers, channels, settings)
+            fisher = {}
+            for name, i in (c.obj(meta, "fisher", "fisher", required=False) or {}).items():
+                where = f"fisher[{brief(name, 80)}]"
+                index = c.integer({"i": i}, "i", where, 0, 1 << 30)
+                if layer_index.get(name) != index:
+                    c.fail(where, "names no layer of the file at that index")
+                w = array(z, f"fisher_{index}", where, MAX_BINS)
+                if len(w) != len(layers[name].counts):
+                    c.fail(where, f"expected {len(layers[name].counts)} bins (the layer's histogram), got {len(w)}")
+                fisher[name] = w
+            fisher_images = c.integer(meta, "fisher_images", "fisher_images", 1, 1 << 30) if fisher else 0
+        return cls(model, digest, layers, channels, settings, fisher, fisher_images)
 
     def check_matches(self, model_name: str, weights_sha256: str, layer_names: List[str], source: str) -> None:
         if self.model != model_name:

@@ -28,9 +28,10 @@ PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
 
 INT8 = ("int8",)
 # the targets whose int8 activation ranges are the project's own calibration (the plan's scales,
-# chosen by --calib-method; Core AI's W8A8 is the plan's Q/DQ in Core AI's ops); Core ML's W8A8 takes them from coremltools' LinearQuantizer
-# (min_max observers) and ExecuTorch's from XNNPACK's PT2E histogram observers, fed the same images
-PLAN_SCALE_TARGETS = ("onnx", "tensorrt", "coreai")
+# chosen by --calib-method; Core AI's W8A8 is the plan's Q/DQ in Core AI's ops; ExecuTorch's the
+# plan's ranges as fixed parameters of each int8 layer's input); Core ML's W8A8 takes them from
+# coremltools' LinearQuantizer (min_max observers), fed the same images
+PLAN_SCALE_TARGETS = ("onnx", "tensorrt", "executorch", "coreai")
 
 
 @dataclass(frozen=True)

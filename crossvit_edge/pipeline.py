@@ -22,7 +22,7 @@ import torch
 from .bundle import check_batch_input, size_bytes, staged_bundle, write_json, write_manifest
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .data import ImageSet, open_image_set
-from .errors import UserError
+from .errors import UserError, brief
 from .metrics import compare_logits
 from .preprocess import Preprocessing
 from .spec import BuildSpec
@@ -49,7 +49,7 @@ CHECK_ADVICE = {
              "ExecuTorch's fp16 program runs them in fp16) or build fp32"),
     "int8-weights": "build fp16, or int8 with calibration",
     "int8": ("calibrate on more, or more representative, images (--calib-data, --calib-samples), try another "
-             "--calib-method (onnx and tensorrt: entropy, percentile, mse, minmax) or --smooth-alpha 0.5, or return the most sensitive "
+             "--calib-method (onnx, tensorrt, executorch, coreai: minmax, entropy, percentile, mse; auto is the default) or --smooth-alpha 0.5, or return the most sensitive "
              "layers to float with --max-drop POINTS --eval-data DIR"),
 }
 # every failed check also names the command that finds where the error comes from
@@ -192,9 +192,6 @@ def stage_calibrate(ctx: ConversionContext) -> None:
         model = apply_smoothing(model, factors)
         smoothing = {"alpha": spec.smoothing_alpha, "pairs": [[n, c] for n, c in smoothing_pairs(model)]}
 
-    if settings.method == "auto" and images is None:
-        raise UserError("--calib-method auto needs --calib-data: it judges each candidate range on calibration images "
-                        "(--calib-stats alone holds histograms, not images)")
     # what is observed: with int8 attention, the export form that carries the operand points
     observed = for_export(model) if attention else model
     if settings.stats is not None:
@@ -211,11 +208,16 @@ def stage_calibrate(ctx: ConversionContext) -> None:
         from crossvit_edge.calibration import auto
 
         judged = [n for n in layers if n not in fixed]
-        sample = images.subset(range(min(auto.AUTO_EVAL_IMAGES, len(images))))
-        amax, choices = auto.select_ranges(observed, stats.layers, judged,
-                                           sample.batches(ctx.preprocessing, settings.batch_size),
-                                           total_batches=math.ceil(len(sample) / settings.batch_size))
-        plan_record["auto"] = {**auto.summary(choices), "evaluation_images": len(sample)}
+        if not all(n in stats.fisher for n in judged):
+            if images is None:
+                raise UserError(f"--calib-method auto: {brief(str(settings.stats), 200)} holds no Fisher weights (its statistics were "
+                                "taken for another --calib-method); pass --calib-data too, or choose another --calib-method")
+            sample = images.subset(range(min(auto.AUTO_EVAL_IMAGES, len(images))))
+            stats.fisher = auto.fisher_histograms(observed, stats.layers, judged, sample.batches(ctx.preprocessing, settings.batch_size),
+                                                  total_batches=math.ceil(len(sample) / settings.batch_size))
+            stats.fisher_images = len(sample)
+        amax, choices = auto.choose_ranges(stats.layers, stats.fisher, judged)
+        plan_record["auto"] = {**auto.summary(choices), "evaluation_images": stats.fisher_images}
         plan_record["percentile"] = None  # the candidates carry their own levels
     else:
         amax = stats.amax(settings.method, settings.percentile)

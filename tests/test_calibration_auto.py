@@ -1,7 +1,8 @@
 """``--calib-method auto`` (issue 28 item 2): each int8 tensor takes the candidate range whose
-quantized layer output costs the least Fisher-weighted error (the second-order KL from fp32 at the
-logits), judged here against the plan's own Q/DQ layer (``calibration.qdq.QDQLinear``) and the exact
-Fisher of a softmax, recorded per tensor in the plan, shown by the debugger."""
+quantization error, weighted by the diagonal Fisher at that tensor, costs the least (the
+second-order KL from fp32 at the logits). Judged here against the plan's own fake quantization
+(``calibration.qdq.quantize_dequantize``) element by element and the exact Fisher of a softmax
+through the layer; recorded per tensor in the plan, shown by the debugger."""
 import json
 import math
 import subprocess
@@ -12,9 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from crossvit_edge.calibration.auto import AUTO_CANDIDATES, candidate_label, candidate_ranges, select_ranges
+from crossvit_edge.calibration.auto import (AUTO_CANDIDATES, candidate_label, candidate_ranges, expected_errors,
+                                            fisher_histograms, select_ranges)
 from crossvit_edge.calibration.estimators import AbsHistogram
-from crossvit_edge.calibration.qdq import QDQLinear
+from crossvit_edge.calibration.qdq import quantize_dequantize
 
 from .conftest import MICRO_CLI
 
@@ -32,56 +34,93 @@ class _OneLinear(nn.Module):
 
 
 def _inputs(seed=0, n=4096, features=16):
-    """Gaussian activations with rare large outliers, all in channel 0 (as LayerNorm outputs put them)."""
+    """Gaussian activations with rare large outliers (0.15% of the values), all in channel 0 (as
+    LayerNorm outputs put them)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, features, generator=g)
-    rows = torch.randperm(n, generator=g)[:8]
-    x[rows, 0] = 40.0 * torch.sign(torch.randn(8, generator=g))
+    rows = torch.randperm(n, generator=g)[:100]
+    x[rows, 0] = 40.0 * torch.sign(torch.randn(100, generator=g))
     return x
 
 
-def _judge(weight):
+def _exact(model, x, h):
+    """The reference: the exact Fisher diagonal at the layer's input, diag(W^T (diag(p) - p p^T) W)
+    per image, and for each candidate the plan's own fake quantization of every input element, its
+    squared error weighted by that Fisher."""
+    with torch.no_grad():
+        p = torch.softmax(model.fc(x).double(), 1)
+        w = model.fc.weight.double()
+        cov = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        fisher = torch.einsum("cj,ncd,dj->nj", w, cov, w)
+        errors = {}
+        for label, a in candidate_ranges(h).items():
+            q = quantize_dequantize(x, torch.tensor(a / 127.0), torch.tensor(0, dtype=torch.int8))
+            errors[label] = float((fisher * (q - x).double() ** 2).sum())
+        energy = float((fisher * x.double() ** 2).sum())
+    return fisher, errors, energy
+
+
+def _setup(outlier_weight):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 16, generator=g) * 0.3
+    # alternating signs: a column of equal weights would move every logit alike, which the softmax ignores
+    w[:, 0] = outlier_weight * torch.tensor([1.0, -1.0] * 4)
     x = _inputs()
-    model = _OneLinear(weight).eval()
+    model = _OneLinear(w).eval()
     h = AbsHistogram()
     for chunk in x.split(512):
         h.update(chunk)
-    amax, choices = select_ranges(model, {"fc": h}, ["fc"], [c.numpy() for c in x.split(512)])
-    # the reference: the plan's own Q/DQ layer at each candidate value against the fp32 layer, each
-    # logit's error weighted by the exact Fisher diagonal of a softmax at the logits, p (1 - p)
-    # (auto estimates it from labels drawn from the model's softmax)
-    with torch.no_grad():
-        ref = model.fc(x)
-        p = torch.softmax(ref.double(), 1)
-        fisher = p * (1 - p)
-        errors = {label: float((fisher * (QDQLinear(model.fc, a)(x) - ref).double() ** 2).sum())
-                  for label, a in candidate_ranges(h).items()}
-        energy = float((fisher * (ref - model.fc.bias).double() ** 2).sum())
-    return amax["fc"], choices["fc"], errors, energy
+    return model, x, h
 
 
-@pytest.mark.parametrize("outlier_weight,expect_clip", [(0.0, True), (3.0, False)])
+@pytest.mark.parametrize("outlier_weight", [0.0, 0.03])
+def test_the_histograms_expected_error_is_the_fake_quantizations_own(outlier_weight):
+    """With the exact Fisher binned by |x|, the closed-form expectation over each bin gives every
+    candidate's Fisher-weighted error of the plan's fake quantization, element by element, to 3% (the
+    clipped tail's few values are taken as spread evenly within their bins)."""
+    model, x, h = _setup(outlier_weight)
+    fisher, errors, energy = _exact(model, x, h)
+    idx = torch.clamp((x.abs() / h.width).long(), 0, len(h.counts) - 1).flatten()
+    binned = torch.bincount(idx, weights=fisher.flatten(), minlength=len(h.counts)).numpy()
+    labels = list(errors)
+    costs, got_energy = expected_errors(h, binned, [candidate_ranges(h)[l] for l in labels])
+    assert got_energy == pytest.approx(energy, rel=0.01)
+    for label, cost in zip(labels, costs):
+        assert cost == pytest.approx(errors[label], rel=0.03), label
+
+
+def test_the_probes_estimate_the_fisher_without_bias():
+    """The Rademacher probes' mean, summed over all values, is the exact Fisher-weighted energy (3%)."""
+    model, x, h = _setup(0.03)
+    _, _, energy = _exact(model, x, h)
+    weighted = fisher_histograms(model, {"fc": h}, ["fc"], [c.numpy() for c in x.split(512)])["fc"]
+    _, got = expected_errors(h, weighted, [h.amax])
+    assert got == pytest.approx(energy, rel=0.03)
+
+
+@pytest.mark.parametrize("outlier_weight,expect_clip", [(0.0, True), (0.03, False)])
 def test_the_winner_is_the_candidate_the_quantized_layer_errs_least_with(outlier_weight, expect_clip):
     """The same inputs, two weights: where no weight reads the outlier channel, clipping it is free
-    and a tight range wins; where the outlier channel's weight is large, the full range wins. An
-    input-only criterion picks the same range for both."""
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(8, 16, generator=g) * 0.3
-    w[:, 0] = outlier_weight
-    amax, choice, errors, energy = _judge(w)
+    and a tight range wins; where the outlier channel moves the logits (weights of +-0.03: +-1.2 at
+    the outliers, enough to matter, too little to saturate the softmax, where the Fisher and the cost
+    of clipping vanish), a range that keeps the outliers wins. An input-only criterion picks the
+    same range for both."""
+    model, x, h = _setup(outlier_weight)
+    amax, choices = select_ranges(model, {"fc": h}, ["fc"], [c.numpy() for c in x.split(512)])
+    amax, choice = amax["fc"], choices["fc"]
+    _, errors, energy = _exact(model, x, h)
     best = min(errors, key=errors.get)
-    # the sampled Fisher (4096 images, 2 draws each) ranks as the exact one: the winner costs at
-    # most 2% more than the exact best
-    assert errors[choice["estimator"]] <= errors[best] * 1.02, (choice["estimator"], best, errors)
+    # the clipped values are few (0.15% of 65536 here): the sampled Fisher on them is noisy, so the
+    # winner is held to within 1 dB of the exact best (the two cases' winners are 75x apart)
+    assert errors[choice["estimator"]] <= errors[best] * 10 ** 0.1, (choice["estimator"], best, errors)
     assert amax == pytest.approx(choice["candidates"][choice["estimator"]][0])
-    # the recorded SNR is the Q/DQ layer's own, Fisher-weighted (bias excluded: it cancels); the sampled
-    # Fisher puts it within 1.5 dB of the exact one (measured 0.82 dB apart in the minmax case)
-    assert choice["snr_db"] == pytest.approx(10 * math.log10(energy / errors[choice["estimator"]]), abs=1.5)
+    # the recorded SNR is the input's own, Fisher-weighted, within 1 dB of the exact one
+    assert choice["snr_db"] == pytest.approx(10 * math.log10(energy / errors[choice["estimator"]]), abs=1.0)
     assert set(choice["candidates"]) == {candidate_label(m, p) for m, p in AUTO_CANDIDATES}
     if expect_clip:
         assert amax < 10.0 and choice["estimator"] != "minmax"
     else:
-        assert amax == pytest.approx(40.0, rel=1e-6) and choice["estimator"] == "minmax"
+        assert amax > 30.0 and choice["estimator"] != "entropy"
     others = [s for label, (_, s) in choice["candidates"].items() if choice["candidates"][label][0] != amax]
     assert choice["margin_db"] == pytest.approx(choice["snr_db"] - max(others))
 
@@ -141,18 +180,34 @@ def test_auto_plan_records_each_tensors_estimator_and_the_bundle_matches_fp32(tm
     assert cos.min() > 0.99, cos
 
 
-def test_auto_without_images_is_one_line(tmp_path, micro_checkpoint, digits_dir):
-    """--calib-method auto judges ranges on images: with --calib-stats alone it is refused."""
+def test_auto_from_statistics_alone(tmp_path, micro_checkpoint, digits_dir):
+    """The Fisher weights travel in the statistics file: an auto build's file gives the same ranges
+    without the images; a file taken for another method holds none, and auto without images is
+    then refused in one line."""
     from crossvit_edge.pipeline import convert
     from crossvit_edge.spec import BuildSpec, CalibrationSettings
 
     first = tmp_path / "first"
     convert(BuildSpec(target="onnx", output=first, precision="int8", checkpoint=str(micro_checkpoint), batch_size=1,
-                      calibration=CalibrationSettings(data=digits_dir / "train", samples=8), overwrite=True))
+                      calibration=CalibrationSettings(data=digits_dir / "train", samples=8, method="auto"), overwrite=True))
+    again = tmp_path / "again"
+    convert(BuildSpec(target="onnx", output=again, precision="int8", checkpoint=str(micro_checkpoint), batch_size=1,
+                      calibration=CalibrationSettings(stats=first / "calibration_stats.npz", method="auto"), overwrite=True))
+
+    def ranges(bundle):
+        plan = json.loads((bundle / "manifest.json").read_text())["quantization_plan"]
+        return {l["name"]: (l.get("input_amax"), l.get("estimator")) for l in plan["layers"]}, plan["calibration"]["auto"]
+
+    (r1, a1), (r2, a2) = ranges(first), ranges(again)
+    assert r1 == r2 and a1 == a2 and a1["evaluation_images"] == 8
+
+    other = tmp_path / "other"
+    convert(BuildSpec(target="onnx", output=other, precision="int8", checkpoint=str(micro_checkpoint), batch_size=1,
+                      calibration=CalibrationSettings(data=digits_dir / "train", samples=8, method="entropy"), overwrite=True))
     r = subprocess.run([sys.executable, str(MICRO_CLI), "crossvit_edge.convert", "--target", "onnx", "--precision", "int8",
-                        "--checkpoint", str(micro_checkpoint), "--calib-stats", str(first / "calibration_stats.npz"),
+                        "--checkpoint", str(micro_checkpoint), "--calib-stats", str(other / "calibration_stats.npz"),
                         "--calib-method", "auto", "--output", str(tmp_path / "second")], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and "--calib-method auto needs --calib-data" in lines[0], r.stderr
+    assert len(lines) == 1 and "holds no Fisher weights" in lines[0] and "pass --calib-data too" in lines[0], r.stderr
     assert not (tmp_path / "second").exists()

@@ -170,8 +170,8 @@ def test_python_spec_not_applied_is_named_and_not_recorded(tmp_path, inputs):
     assert build["calibration"] is None and "smoothing_alpha" not in build and build["options"] == {}, build
     spec.precision = "int8"
     build = spec.to_dict()
-    # ExecuTorch's int8 ranges come from XNNPACK's observers: the method is not recorded as applied
-    assert build["calibration"]["data"] == str(inputs["images"]) and "method" not in build["calibration"], build
+    # ExecuTorch's int8 layer inputs take the plan's ranges: the method applies and is recorded
+    assert build["calibration"]["data"] == str(inputs["images"]) and build["calibration"]["method"] == "mse", build
     assert build["smoothing_alpha"] == 0.5
 
 
@@ -223,10 +223,13 @@ def test_manifest_int8_records_applied_calibration(tmp_path, micro_checkpoint, d
     assert "eval_samples" not in build and "max_drop" not in build  # no --eval-data: neither applied
 
 
-def test_manifest_executorch_int8_leaves_out_the_plan_method(tmp_path, micro_checkpoint, digits_dir):
-    build = _convert(micro_checkpoint, tmp_path / "b", "--target", "executorch", "--precision", "int8",
-                     "--calib-data", digits_dir / "train", "--calib-samples", 4)["build"]
+def test_manifest_executorch_int8_records_the_plan_method(tmp_path, micro_checkpoint, digits_dir):
+    """ExecuTorch's int8 inputs take the plan's ranges: the default method is applied and recorded,
+    the percentile (only with --calib-method percentile) is not, and no statistics file was given."""
+    manifest = _convert(micro_checkpoint, tmp_path / "b", "--target", "executorch", "--precision", "int8",
+                        "--calib-data", digits_dir / "train", "--calib-samples", 4)
+    build = manifest["build"]
     assert build["calibration"]["samples"] == 4 and build["calibration"]["data"] == str(digits_dir / "train")
-    for key in ("method", "percentile", "stats"):
-        assert key not in build["calibration"], build["calibration"]
+    assert build["calibration"]["method"] == "auto" == manifest["quantization_plan"]["calibration"]["method"]
+    assert "percentile" not in build["calibration"] and build["calibration"]["stats"] is None, build["calibration"]
     assert build["options"] == {}, build

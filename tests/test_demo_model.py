@@ -38,7 +38,7 @@ def test_demo_model_int8_plan_accuracy(demo_checkpoint, digits_dir):
     from crossvit_edge.pipeline import stage_calibrate, stage_load
 
     spec = BuildSpec(target="onnx", output=digits_dir / "unused", precision="int8", checkpoint=str(demo_checkpoint),
-                     calibration=CalibrationSettings(data=digits_dir / "train", samples=64, method="entropy"))
+                     calibration=CalibrationSettings(data=digits_dir / "train", samples=64))  # the default method
     ctx = stage_load(spec)
     stage_calibrate(ctx)
     assert ctx.plan.to_dict()["summary"]["int8_layers"] > 50

@@ -388,12 +388,15 @@ def test_demo_model_fp16_full_val(demo_checkpoint, digits_dir, tmp_path):
         (["--precision", "int8-weights"], "does not support --precision int8-weights"),
         (["--precision", "int8", "--calib-data", "EMPTY"], "no decodable images in"),
         (["--precision", "int8"], "needs calibration images"),
+        # the plan's ranges cover the layers' inputs; their int8 outputs are observed on images
+        (["--precision", "int8", "--calib-stats", "STATS"], "--calib-stats alone is not enough"),
     ],
 )
 def test_cli_bad_input(tmp_path, tiny_checkpoint, args, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    args = [str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
+    (tmp_path / "stats.npz").write_bytes(b"refused before it is read")
+    args = [str(tmp_path / "empty") if a == "EMPTY" else str(tmp_path / "stats.npz") if a == "STATS" else a for a in args]
     out = tmp_path / "bundle"
     r = run_cli("crossvit_edge.convert", "--target", "executorch", "--checkpoint", tiny_checkpoint, "--output", out, *args)
     assert r.returncode == 2, r.stderr

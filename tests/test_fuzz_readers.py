@@ -178,7 +178,8 @@ def stats_bytes() -> bytes:
 
     h = AbsHistogram()
     h.update(torch.linspace(-3, 3, 1000))
-    stats = CalibrationStatistics("m", "0" * 64, {"blocks.0.fc1": h}, {"norm": np.ones(4, np.float32)}, {"images": 8})
+    stats = CalibrationStatistics("m", "0" * 64, {"blocks.0.fc1": h}, {"norm": np.ones(4, np.float32)}, {"images": 8},
+                                  fisher={"blocks.0.fc1": np.linspace(0.0, 1.0, len(h.counts))}, fisher_images=8)
     with tempfile.TemporaryDirectory() as d:
         stats.save(Path(d) / "s.npz")
         return (Path(d) / "s.npz").read_bytes()
@@ -195,6 +196,8 @@ def test_stats_round_trip(tmp_path, stats_bytes):
     (tmp_path / "s.npz").write_bytes(stats_bytes)
     stats = CalibrationStatistics.load(tmp_path / "s.npz")
     assert stats.model == "m" and stats.layers["blocks.0.fc1"].amax == pytest.approx(3.0) and stats.channel_amax["norm"].shape == (4,)
+    h = stats.layers["blocks.0.fc1"]
+    assert stats.fisher_images == 8 and stats.fisher["blocks.0.fc1"].tolist() == np.linspace(0.0, 1.0, len(h.counts)).tolist()
 
 
 @FUZZ_FILES
@@ -224,3 +227,5 @@ def test_fuzz_calibration_statistics(tmp_path_factory, stats_bytes, data):
     if stats is not None:  # what loads can be planned from
         for method in ("minmax", "percentile", "entropy", "mse"):
             assert all(math.isfinite(a) and a > 0 for a in stats.amax(method).values())
+        for name, w in stats.fisher.items():  # auto's weights: one per bin of the layer's histogram
+            assert len(w) == len(stats.layers[name].counts) and np.isfinite(w).all() and (w >= 0).all()

@@ -7,7 +7,7 @@ otherwise it falls back to a float kernel for that layer, with a warning and no 
 
 * ``activation_amax`` (conversion time) runs the fp32 build graph in ONNX Runtime with every float
   tensor of the graph exposed as an output, and records max |x| of each over the calibration
-  images. The inputs of the plan's int8 layers keep the plan's calibrated range (entropy,
+  images. The inputs of the plan's int8 layers keep the plan's calibrated range (auto, entropy,
   percentile, ...). The calibration cache then names every activation tensor of the ONNX graph.
 * ``dynamic_ranges`` (on the device, torch- and onnx-free) extends those ranges to the tensors
   TensorRT itself creates while parsing, which no cache can name: a constant layer's output (a
