@@ -36,7 +36,6 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -99,8 +98,8 @@ def fisher_histograms(model: nn.Module, histograms: Dict[str, AbsHistogram], nam
     """name -> per-bin sum (on that tensor's histogram bins, by |x|) of the diagonal Fisher
     information of the model's output distribution with respect to that tensor as the layer reads
     it, estimated by ``probes`` seeded Rademacher probes per batch (module docstring; their mean,
-    unbiased), binned by the value it weights. Each layer's input is taken through a view of its own, so a tensor read
-    by several layers gets each reader's gradient, not their sum."""
+    unbiased), binned by the value it weights. Each layer's input is taken through a view of its
+    own, so a tensor read by several layers gets each reader's gradient, not their sum."""
     probes = AUTO_FISHER_PROBES if probes is None else probes
     modules = dict(model.named_modules())
     names = list(names)
