@@ -140,13 +140,10 @@ def fisher_histograms(model: nn.Module, histograms: Dict[str, AbsHistogram], nam
                             g2 = x.grad.detach().double() ** 2
                             squared[n][i] = g2 if squared[n][i] is None else squared[n][i] + g2
                             x.grad = None
-            for n in names:
-                h = histograms[n]
+            for n in names:  # the judging images are calibration images: |x| lies within the histogram
                 bins = len(weighted[n])
                 for x, g2 in zip(seen[n], squared[n]):
-                    # the judging images are calibration images: |x| lies within the histogram (the
-                    # clamp only guards the last bin's edge against rounding)
-                    idx = torch.clamp((x.detach().abs() / h.width).long(), 0, bins - 1).flatten()
+                    idx = histograms[n].bin_index(x)
                     weighted[n] += torch.bincount(idx, weights=g2.flatten(), minlength=bins).numpy() / probes
     finally:
         for handle in handles:

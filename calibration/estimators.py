@@ -48,6 +48,11 @@ class AbsHistogram:
         hist = torch.histc(a, bins=n, min=0.0, max=n * self.width).double().numpy()
         self.counts += hist
 
+    def bin_index(self, x: torch.Tensor) -> torch.Tensor:
+        """The bin of each |x| (flattened), as ``update`` counts it; values past the last bin's edge
+        (rounding) in the last bin."""
+        return torch.clamp((x.detach().abs() / self.width).long(), 0, len(self.counts) - 1).flatten()
+
     @property
     def edges(self) -> np.ndarray:
         return np.arange(len(self.counts) + 1) * self.width

@@ -240,17 +240,18 @@ def fixed_input_qspec(amax: float):
                                         qscheme=torch.per_tensor_affine)
 
 
-def fixed_input_ranges(plan) -> Dict[str, float]:
+def plan_input_ranges(plan) -> Dict[str, float]:
     """layer -> input |x| range of every int8 layer of the plan: the calibrated ones (``--calib-method``)
     and those whose range is the preprocessing's bounds."""
     return {l.name: float(l.input_amax) for l in plan.int8_layers()}
 
 
-def plan_quantizer(layer_names, attention_modules=(), fixed_input_amax=None):
+def plan_quantizer(input_amax: Dict[str, float], attention_modules=()):
     """XNNPACK's quantizer restricted to the plan: per-channel symmetric int8 weights and static
-    per-tensor int8 activations on the ``linear`` / ``conv`` op of each plan layer, nothing else;
-    and the two ``bmm`` of each attention module named in ``attention_modules`` (the plan's int8
-    attention option, ``attention_bmm_qspecs``).
+    per-tensor int8 inputs at the plan's ranges (``input_amax``: layer -> |x|, ``plan_input_ranges``)
+    on the ``linear`` / ``conv`` op of each plan layer, nothing else; and the two ``bmm`` of each
+    attention module named in ``attention_modules`` (the plan's int8 attention option,
+    ``attention_bmm_qspecs``).
 
     The stock ``XNNPACKQuantizer.set_module_name`` does not give that: after annotating, it
     propagates the quantized outputs of those layers through reshape / permute / slice, and
@@ -266,17 +267,15 @@ def plan_quantizer(layer_names, attention_modules=(), fixed_input_amax=None):
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY, QuantizationAnnotation
 
-    names, attention, fixed = set(layer_names), set(attention_modules), dict(fixed_input_amax or {})
+    ranges, attention = dict(input_amax), set(attention_modules)
     weighted = (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
     config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
 
     class PlanQuantizer(XNNPACKQuantizer):
         def annotate(self, model):
             for node in model.graph.nodes:
-                if node.op == "call_function" and node.target in weighted and _module_path(node) in names:
-                    path = _module_path(node)
-                    act = fixed_input_qspec(fixed[path]) if path in fixed else config.input_activation
-                    qspecs = {node.args[0]: act, node.args[1]: config.weight}
+                if node.op == "call_function" and node.target in weighted and _module_path(node) in ranges:
+                    qspecs = {node.args[0]: fixed_input_qspec(ranges[_module_path(node)]), node.args[1]: config.weight}
                     if len(node.args) > 2 and node.args[2] is not None and config.bias is not None:
                         qspecs[node.args[2]] = config.bias
                     node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
@@ -376,7 +375,7 @@ def stage_quantize(model, example, plan, calibration_batches):
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = plan_quantizer([layer.name for layer in plan.int8_layers()], int8_attention_modules(plan, model), fixed_input_ranges(plan))
+    quantizer = plan_quantizer(plan_input_ranges(plan), int8_attention_modules(plan, model))
     graph = torch.export.export(model.eval(), (example,), strict=True).module()
     prepared = prepare_pt2e(graph, quantizer)
     images = 0

@@ -80,8 +80,7 @@ def test_the_histograms_expected_error_is_the_fake_quantizations_own(outlier_wei
     clipped tail's few values are taken as spread evenly within their bins)."""
     model, x, h = _setup(outlier_weight)
     fisher, errors, energy = _exact(model, x, h)
-    idx = torch.clamp((x.abs() / h.width).long(), 0, len(h.counts) - 1).flatten()
-    binned = torch.bincount(idx, weights=fisher.flatten(), minlength=len(h.counts)).numpy()
+    binned = torch.bincount(h.bin_index(x), weights=fisher.flatten(), minlength=len(h.counts)).numpy()
     labels = list(errors)
     costs, got_energy = expected_errors(h, binned, [candidate_ranges(h)[l] for l in labels])
     assert got_energy == pytest.approx(energy, rel=0.01)
